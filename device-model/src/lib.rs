@@ -1,0 +1,31 @@
+//! `vgpu-model`: everything a guest can see of a vgpu-emu device, and nothing else.
+//!
+//! - [`catalog`]: versioned vGPU types (built-in TOML plus user files), validation, lookup.
+//! - [`fingerprint`]: stable ABI fingerprints of type versions and the released list.
+//! - [`pci`]: PCI configuration space as a register map (reset image, write and RW1C masks).
+//! - [`bochs`]: the bochs personality's register BAR (EDID, VGA ports, DISPI, extensions).
+//! - [`edid`]: EDID 1.4 generation and decoding.
+//! - [`scanout`]: scanout geometry, capture and pixel conversion.
+//! - [`device`]: one instance: regions, guarded accesses, reset, saved state.
+//! - [`vram`]: the VRAM backing trait and a `Vec` implementation.
+//! - [`fuzz`]: the register-sequence harness shared by the property test and `cargo fuzz`.
+//!
+//! The crate opens no sockets, starts no threads and logs nothing: accesses come in as
+//! `read(region, offset, &mut [u8])` / `write(region, offset, &[u8])` and every guest- or
+//! peer-supplied offset is bounds-checked before use.
+
+pub mod bochs;
+pub mod catalog;
+pub mod device;
+pub mod edid;
+pub mod fingerprint;
+pub mod fuzz;
+pub mod pci;
+pub mod scanout;
+pub mod vram;
+
+pub use catalog::{Catalog, CatalogError, LookupError, Personality, Resolution, VgpuType};
+pub use device::{AccessError, Device, DeviceError, DeviceState, RegionInfo};
+pub use fingerprint::{fingerprint, Fingerprint};
+pub use scanout::{Frame, NotDisplaying, PixelFormat, Scanout};
+pub use vram::{VecVram, Vram};

@@ -1,0 +1,338 @@
+//! `vgpu-emu types` and `vgpu-emu describe`: the type catalog for humans and scripts.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use vgpu_model::catalog::{BarKind, BarSpec};
+use vgpu_model::edid::{self, Mode};
+use vgpu_model::fingerprint::{self, fingerprint};
+use vgpu_model::pci::{VendorCapability, VENDOR_CAP_OFFSET};
+use vgpu_model::{Catalog, VgpuType};
+
+use crate::error::CliError;
+
+/// Loads the built-in catalog plus `files`, in order.
+pub fn load_catalog(files: &[PathBuf]) -> Result<Catalog, CliError> {
+    let mut catalog = Catalog::builtin()?;
+    for path in files {
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::TypesFile {
+            path: path.clone(),
+            source,
+        })?;
+        catalog.add_toml(&path.display().to_string(), &text)?;
+    }
+    Ok(catalog)
+}
+
+/// Everything `describe --json` prints about a type version.
+#[derive(Serialize)]
+struct TypeView<'a> {
+    key: String,
+    #[serde(flatten)]
+    ty: &'a VgpuType,
+    description: String,
+    source: &'a str,
+    default: bool,
+    newest: bool,
+    served: bool,
+    available_instances: u32,
+    fingerprint: String,
+    released: bool,
+    edid_modes: Vec<Mode>,
+}
+
+fn view<'a>(catalog: &Catalog, ty: &'a VgpuType) -> TypeView<'a> {
+    TypeView {
+        key: ty.key(),
+        ty,
+        description: ty.nvidia_description(),
+        source: &ty.source,
+        default: catalog.default_type().is_some_and(|d| d.key() == ty.key()),
+        newest: catalog.is_newest(ty),
+        served: ty.personality.is_implemented(),
+        available_instances: catalog.instances_on_empty_parent(ty),
+        fingerprint: fingerprint(ty).to_string(),
+        released: fingerprint::is_released(ty),
+        edid_modes: edid::decode_modes(&edid::generate(ty, &[0; 16])).unwrap_or_default(),
+    }
+}
+
+fn flags(v: &TypeView<'_>) -> String {
+    let mut f = Vec::new();
+    if v.default {
+        f.push("default");
+    }
+    if v.ty.deprecated {
+        f.push("deprecated");
+    }
+    if !v.served {
+        f.push("not-served-yet");
+    }
+    if v.ty.source != vgpu_model::catalog::BUILTIN_SOURCE {
+        f.push("user");
+    }
+    if f.is_empty() {
+        "-".to_string()
+    } else {
+        f.join(",")
+    }
+}
+
+/// `vgpu-emu types`.
+pub fn types(catalog: &Catalog, json: bool) -> Result<String, CliError> {
+    let views: Vec<TypeView<'_>> = catalog.types().iter().map(|t| view(catalog, t)).collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&views)? + "\n");
+    }
+    let header = [
+        "TYPE",
+        "PARENT",
+        "PERSONALITY",
+        "AVAIL/MAX",
+        "FLAGS",
+        "DESCRIPTION",
+    ];
+    let rows: Vec<[String; 6]> = views
+        .iter()
+        .map(|v| {
+            [
+                v.key.clone(),
+                v.ty.family.clone(),
+                v.ty.personality.to_string(),
+                format!("{}/{}", v.available_instances, v.ty.max_instances),
+                flags(v),
+                v.description.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for r in &rows {
+        line(&r.each_ref().map(String::as_str));
+    }
+    let _ = writeln!(
+        out,
+        "\nAVAIL is what one empty parent of the family hosts. Parents: {}",
+        catalog
+            .families()
+            .iter()
+            .map(|f| format!("{} ({}M VRAM)", f.name, f.vram >> 20))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(out)
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => format!("{b}"),
+    }
+}
+
+fn bar_line(b: &BarSpec) -> String {
+    let what = match b.kind {
+        BarKind::Vram => "VRAM, mmap-able (never trapped)",
+        BarKind::Registers => {
+            "registers, trapped: EDID 0x000, VGA ports 0x400, DISPI 0x500, QEMU ext 0x600"
+        }
+        BarKind::Msix => "MSI-X table and PBA",
+        BarKind::Virtio => "virtio-pci common/notify/ISR/device-config",
+    };
+    format!(
+        "{} memory, {}-bit, {}: {what}",
+        human_size(b.size),
+        if b.is_64bit { 64 } else { 32 },
+        if b.prefetchable {
+            "prefetchable"
+        } else {
+            "non-prefetchable"
+        },
+    )
+}
+
+/// `vgpu-emu describe NAME[@VERSION]`.
+pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, CliError> {
+    let ty = catalog.resolve(spec)?;
+    let v = view(catalog, ty);
+    if json {
+        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+    }
+    let mut out = String::new();
+    let mut kv = |k: &str, val: String| {
+        let _ = writeln!(out, "  {k:<19} {val}");
+    };
+    let family = catalog.family(&ty.family);
+    let p = &ty.pci;
+    let mut status = Vec::new();
+    if v.newest {
+        status.push(format!("newest version of {}", ty.name));
+    } else {
+        status.push(format!(
+            "an older version of {} (a bare name resolves elsewhere)",
+            ty.name
+        ));
+    }
+    if ty.deprecated {
+        status.push("deprecated".into());
+    }
+    if v.default {
+        status.push("the default type".into());
+    }
+    let header = format!("{}  ({})\n", v.key, status.join("; "));
+    kv("description", v.description.clone());
+    kv(
+        "parent family",
+        family.map_or(ty.family.clone(), |f| {
+            format!("{} ({})", f.name, f.description)
+        }),
+    );
+    kv(
+        "personality",
+        format!(
+            "{}{}",
+            ty.personality,
+            if v.served {
+                ""
+            } else {
+                " (listed and described; not served by this build yet)"
+            }
+        ),
+    );
+    kv("PCI ID", format!("{:04x}:{:04x}", p.vendor, p.device));
+    kv(
+        "PCI subsystem",
+        format!("{:04x}:{:04x}", p.subsystem_vendor, p.subsystem_device),
+    );
+    kv("PCI class", format!("{:06x}", p.class));
+    kv("PCI revision", format!("{:02x}", p.revision));
+    for b in &ty.bars {
+        kv(&format!("BAR{}", b.index), bar_line(b));
+    }
+    if v.served {
+        kv(
+            "vendor capability",
+            format!(
+                "at {VENDOR_CAP_OFFSET:#04x}: ID 0x09, {} bytes, name \"{}\" version {}",
+                VendorCapability::LEN,
+                ty.name,
+                ty.version
+            ),
+        );
+        kv("interrupts", "none (interrupt pin 0, no MSI/MSI-X)".into());
+    }
+    kv("framebuffer", human_size(ty.framebuffer));
+    kv("heads", ty.num_heads.to_string());
+    kv("max resolution", ty.max_resolution.to_string());
+    kv("default resolution", ty.default_resolution.to_string());
+    kv(
+        "frame-rate limit",
+        if ty.frl == 0 {
+            "off (EDID refresh 60 Hz)".into()
+        } else {
+            format!("{} fps", ty.frl)
+        },
+    );
+    let modes: Vec<String> = v
+        .edid_modes
+        .iter()
+        .map(|m| {
+            format!(
+                "{}x{}@{}{}",
+                m.width,
+                m.height,
+                m.refresh,
+                if m.preferred { " (preferred)" } else { "" }
+            )
+        })
+        .collect();
+    kv("EDID modes", modes.join(", "));
+    kv(
+        "max instances",
+        format!(
+            "{} per parent ({} on an empty one)",
+            ty.max_instances, v.available_instances
+        ),
+    );
+    kv(
+        "ABI fingerprint",
+        format!(
+            "{} ({})",
+            v.fingerprint,
+            if v.released {
+                "released: held fixed"
+            } else if ty.source == vgpu_model::catalog::BUILTIN_SOURCE {
+                "not released yet"
+            } else {
+                "user type"
+            }
+        ),
+    );
+    kv("defined in", ty.source.clone());
+    Ok(header + &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_lists_every_version_with_nvidia_descriptions() {
+        let c = Catalog::builtin().unwrap();
+        let out = types(&c, false).unwrap();
+        for t in c.types() {
+            let row = out
+                .lines()
+                .find(|l| l.starts_with(&format!("{} ", t.key())))
+                .unwrap_or_else(|| panic!("{} missing:\n{out}", t.key()));
+            assert!(row.ends_with(&t.nvidia_description()), "{row}");
+        }
+        assert!(out.contains("num_heads=4, frl_config=60, framebuffer=2048M, max_resolution=2560x1600, max_instance=4"));
+        let json: serde_json::Value = serde_json::from_str(&types(&c, true).unwrap()).unwrap();
+        assert_eq!(json.as_array().unwrap().len(), c.types().len());
+    }
+
+    #[test]
+    fn describe_shows_the_pinned_abi() {
+        let c = Catalog::builtin().unwrap();
+        let out = describe(&c, "EMU-1G", false).unwrap();
+        assert!(out.starts_with("EMU-1G@1  ("), "{out}");
+        for needle in [
+            "PCI ID              1234:1111",
+            "PCI class           038000",
+            "PCI revision        02",
+            "BAR0                1G memory, 64-bit, prefetchable",
+            "BAR2                4K memory, 32-bit, non-prefetchable",
+            "1920x1080@60 (preferred)",
+            "ABI fingerprint     sha256:",
+        ] {
+            assert!(out.contains(needle), "missing {needle:?} in\n{out}");
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&describe(&c, "M60-2Q@1", true).unwrap()).unwrap();
+        assert_eq!(json["num_heads"], 4);
+        assert_eq!(json["pci"]["device"], 0x1050);
+        assert_eq!(json["served"], false);
+    }
+}

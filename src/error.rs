@@ -1,0 +1,59 @@
+//! Top-level errors of the `vgpu-emu` binary and their exit codes.
+
+use std::path::PathBuf;
+
+use vgpu_model::{CatalogError, LookupError};
+
+/// Exit code for bad input from the user: unknown type, bad type file, bad arguments (as clap).
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code for failures at run time.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// What can end a `vgpu-emu` command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A type file could not be read.
+    #[error("cannot read type file {}", path.display())]
+    TypesFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A type file (or the built-in table) is invalid.
+    #[error("invalid vGPU type")]
+    Catalog(#[from] CatalogError),
+    /// A type name did not resolve.
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// Output could not be encoded.
+    #[error("cannot encode JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::TypesFile { .. } | CliError::Catalog(_) | CliError::Lookup(_) => EXIT_USAGE,
+            CliError::Json(_) => EXIT_FAILURE,
+        }
+    }
+
+    /// Lines to print after the error itself (hints).
+    pub fn hints(&self) -> Vec<String> {
+        match self {
+            CliError::Lookup(LookupError::UnknownName { suggestions, .. })
+                if !suggestions.is_empty() =>
+            {
+                vec![
+                    format!("close names: {}", suggestions.join(", ")),
+                    "`vgpu-emu types` lists every type".into(),
+                ]
+            }
+            CliError::Lookup(_) => vec!["`vgpu-emu types` lists every type".into()],
+            _ => Vec::new(),
+        }
+    }
+}
