@@ -30,14 +30,58 @@ pub enum CliError {
     /// Output could not be encoded.
     #[error("cannot encode JSON")]
     Json(#[from] serde_json::Error),
+    /// The catalog names no default type.
+    #[error("no default type is defined; name one with --type")]
+    NoDefaultType,
+    /// The type's personality has no device model in this build.
+    #[error(
+        "type {ty} has personality `{personality}`, which this build lists but cannot serve yet"
+    )]
+    NotServable {
+        /// Type key.
+        ty: String,
+        /// Its personality.
+        personality: String,
+        /// Types that can be served.
+        servable: String,
+    },
+    /// A bad `--uuid`.
+    #[error("invalid UUID `{0}`")]
+    BadUuid(String),
+    /// The socket path cannot be used.
+    #[error(transparent)]
+    Socket(#[from] crate::socket::SocketError),
+    /// The instance could not be created.
+    #[error("cannot create the instance")]
+    Instance(#[from] crate::instance::InstanceError),
+    /// A control request failed.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// Writing an output file failed.
+    #[error("cannot write {}", path.display())]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another run-time failure.
+    #[error("server failed")]
+    Runtime(#[source] std::io::Error),
 }
 
 impl CliError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::TypesFile { .. } | CliError::Catalog(_) | CliError::Lookup(_) => EXIT_USAGE,
-            CliError::Json(_) => EXIT_FAILURE,
+            CliError::TypesFile { .. }
+            | CliError::Catalog(_)
+            | CliError::Lookup(_)
+            | CliError::NoDefaultType
+            | CliError::NotServable { .. }
+            | CliError::BadUuid(_) => EXIT_USAGE,
+            _ => EXIT_FAILURE,
         }
     }
 
@@ -53,6 +97,9 @@ impl CliError {
                 ]
             }
             CliError::Lookup(_) => vec!["`vgpu-emu types` lists every type".into()],
+            CliError::NotServable { servable, .. } => {
+                vec![format!("types this build serves: {servable}")]
+            }
             _ => Vec::new(),
         }
     }

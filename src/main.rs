@@ -1,31 +1,37 @@
 //! `vgpu-emu`: emulated mediated vGPU devices served to VMs over vfio-user.
 
-mod catalog_cmd;
-mod error;
-
 use std::error::Error as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
 
-use crate::error::CliError;
+use vgpu_emu::error::CliError;
+use vgpu_emu::serve::{self, ServeConfig};
+use vgpu_emu::socket::control_path;
+use vgpu_emu::{catalog_cmd, control};
 
 /// Emulated mediated vGPU devices, served to virtual machines over vfio-user.
+///
+/// With no command, `serve` runs: the default type on the default socket, printing the QEMU
+/// options that attach it. Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.
 #[derive(Debug, Parser)]
-#[command(name = "vgpu-emu", version, about, long_about = None)]
+#[command(name = "vgpu-emu", version, about, long_about)]
 struct Cli {
-    /// Load extra vGPU types from a TOML file (repeatable; see README "Adding a type").
+    /// Load extra vGPU types from a TOML file (repeatable; see the README, "Adding a type").
     #[arg(long = "types-file", value_name = "FILE", global = true)]
     types_files: Vec<PathBuf>,
 
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve one vGPU instance over vfio-user until SIGINT or SIGTERM (the default command).
+    Serve(ServeArgs),
     /// List every vGPU type version with its parent family, personality, available/max
     /// instances and NVIDIA-style description.
     Types {
@@ -42,20 +48,176 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show a running instance: type, client, display mode, counters.
+    Status {
+        /// The instance's vfio-user socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a head's current image as PNG.
+    Screenshot {
+        /// The instance's vfio-user socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Head to capture.
+        #[arg(long, default_value_t = 0)]
+        head: u32,
+        /// Output PNG file.
+        #[arg(short = 'o', long = "output", value_name = "FILE.png")]
+        output: PathBuf,
+    },
+}
+
+/// `serve` options.
+#[derive(Debug, Default, Args)]
+struct ServeArgs {
+    /// vGPU type, NAME or NAME@VERSION [default: the catalog's default type, see `types`].
+    #[arg(long = "type", value_name = "NAME[@VERSION]")]
+    type_spec: Option<String>,
+    /// vfio-user socket to create [default: $XDG_RUNTIME_DIR/vgpu-emu.sock, else
+    /// /tmp/vgpu-emu-UID.sock]. A control socket PATH.ctl is created beside it.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Instance UUID [default: a random one].
+    #[arg(long, value_name = "UUID")]
+    uuid: Option<String>,
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = CliError;
+    fn try_from(args: ServeArgs) -> Result<Self, CliError> {
+        let uuid = match args.uuid {
+            Some(u) => Uuid::parse_str(&u).map_err(|_| CliError::BadUuid(u))?,
+            None => Uuid::new_v4(),
+        };
+        Ok(ServeConfig {
+            type_spec: args.type_spec,
+            socket: args.socket.unwrap_or_else(serve::default_socket),
+            uuid,
+        })
+    }
+}
+
+fn print(out: &str) {
+    // A closed pipe (`| head`) is not an error worth a message.
+    let _ = std::io::stdout().write_all(out.as_bytes());
+}
+
+fn status_text(s: &serde_json::Value) -> String {
+    let g = |k: &str| s.get(k).cloned().unwrap_or_default();
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let mut out = String::new();
+    let mut kv = |k: &str, v: String| out.push_str(&format!("{k:<10} {v}\n"));
+    kv("type", g("type").as_str().unwrap_or("?").to_string());
+    kv("uuid", g("uuid").as_str().unwrap_or("?").to_string());
+    kv("socket", g("socket").as_str().unwrap_or("?").to_string());
+    kv(
+        "client",
+        if g("client_connected").as_bool().unwrap_or(false) {
+            "connected"
+        } else {
+            "not connected"
+        }
+        .into(),
+    );
+    for h in g("heads").as_array().cloned().unwrap_or_default() {
+        kv(
+            &format!("head {}", n(&h, "head")),
+            h.get("mode")
+                .and_then(|m| m.as_str())
+                .unwrap_or("?")
+                .to_string(),
+        );
+    }
+    kv(
+        "blanked",
+        if g("blanked").as_bool().unwrap_or(false) {
+            "yes"
+        } else {
+            "no"
+        }
+        .into(),
+    );
+    let sv = g("server");
+    kv(
+        "protocol",
+        format!(
+            "{} messages, {} errors, {} connections ({} refused)",
+            n(&sv, "messages"),
+            n(&sv, "errors"),
+            n(&sv, "connections"),
+            n(&sv, "refused_connections")
+        ),
+    );
+    let a = g("accesses");
+    kv(
+        "accesses",
+        format!(
+            "config {}r/{}w, registers {}r/{}w ({} ignored), trapped VRAM {}, refused {}, resets {}",
+            n(&a, "config_reads"),
+            n(&a, "config_writes"),
+            n(&a, "register_reads"),
+            n(&a, "register_writes"),
+            n(&a, "ignored_writes"),
+            n(&a, "vram_accesses"),
+            n(&a, "refused"),
+            n(&a, "resets")
+        ),
+    );
+    out
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
-    let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
-    let out = match cli.command {
-        Command::Types { json } => catalog_cmd::types(&catalog, json)?,
-        Command::Describe { name, json } => catalog_cmd::describe(&catalog, &name, json)?,
-    };
-    // A closed pipe (`| head`) is not an error worth a message.
-    let _ = std::io::stdout().write_all(out.as_bytes());
-    Ok(())
+    let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
+    match command {
+        Command::Serve(args) => {
+            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            serve::run(&catalog, &ServeConfig::try_from(args)?)
+        }
+        Command::Types { json } => {
+            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            print(&catalog_cmd::types(&catalog, json)?);
+            Ok(())
+        }
+        Command::Describe { name, json } => {
+            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            print(&catalog_cmd::describe(&catalog, &name, json)?);
+            Ok(())
+        }
+        Command::Status { socket, json } => {
+            let s = control::status(&control_path(&socket))?;
+            print(&if json {
+                serde_json::to_string_pretty(&s)? + "\n"
+            } else {
+                status_text(&s)
+            });
+            Ok(())
+        }
+        Command::Screenshot {
+            socket,
+            head,
+            output,
+        } => {
+            let png = control::screenshot(&control_path(&socket), head)?;
+            std::fs::write(&output, &png).map_err(|source| CliError::Output {
+                path: output.clone(),
+                source,
+            })?;
+            eprintln!(
+                "vgpu-emu: wrote head {head} of {} to {}",
+                socket.display(),
+                output.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -72,5 +234,40 @@ fn main() -> ExitCode {
             }
             ExitCode::from(e.exit_code() as u8)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// CLI defaults and config defaults agree: `serve` with no options and no subcommand at all
+    /// serve the default type on the default socket.
+    #[test]
+    fn serve_defaults_match_config_defaults() {
+        for argv in [&["vgpu-emu"][..], &["vgpu-emu", "serve"][..]] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let args = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+                Command::Serve(a) => a,
+                other => panic!("{other:?}"),
+            };
+            let config = ServeConfig::try_from(args).unwrap();
+            assert_eq!(config.type_spec, None);
+            assert_eq!(config.socket, serve::default_socket());
+        }
+        let cli = Cli::try_parse_from(["vgpu-emu", "serve", "--uuid", "not-a-uuid"]).unwrap();
+        let Some(Command::Serve(args)) = cli.command else {
+            panic!()
+        };
+        assert!(matches!(
+            ServeConfig::try_from(args),
+            Err(CliError::BadUuid(_))
+        ));
     }
 }

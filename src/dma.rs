@@ -1,0 +1,162 @@
+//! The client's DMA map table: guest memory regions announced with DMA_MAP.
+//!
+//! QEMU announces all guest RAM before DEVICE_GET_INFO; some regions come with an fd (mapped
+//! here, after checking the file is large enough), some without (recorded only). No personality
+//! served today reads guest memory; the table is the plumbing virtio-gpu will use.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+
+use vm_memory::MmapRegion;
+
+use crate::memfd::map_shared;
+
+/// Most regions one client may map (bounds the table's memory).
+pub const MAX_MAPS: usize = 16384;
+
+/// One mapped guest region.
+#[derive(Debug)]
+pub struct DmaRegion {
+    /// Length.
+    pub size: u64,
+    /// READ / WRITE flags as sent.
+    pub flags: u32,
+    /// The mapping, when the client sent an fd.
+    pub map: Option<MmapRegion>,
+}
+
+/// Guest address -> region.
+#[derive(Debug, Default)]
+pub struct DmaMaps {
+    regions: BTreeMap<u64, DmaRegion>,
+}
+
+impl DmaMaps {
+    /// Adds `[addr, addr + size)`. Returns an errno on failure.
+    pub fn map(
+        &mut self,
+        addr: u64,
+        size: u64,
+        offset: u64,
+        flags: u32,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), i32> {
+        let end = addr.checked_add(size).ok_or(libc::EINVAL)?;
+        if size == 0 || flags & !(libc::PROT_READ as u32 | libc::PROT_WRITE as u32) != 0 {
+            return Err(libc::EINVAL);
+        }
+        if self.regions.len() >= MAX_MAPS {
+            return Err(libc::ENOSPC);
+        }
+        // Overlap with the region starting at or before `addr`, or any starting inside.
+        let before = self.regions.range(..=addr).next_back();
+        let overlaps_before = before.is_some_and(|(&a, r)| a + r.size > addr);
+        let overlaps_after = self.regions.range(addr..end).next().is_some();
+        if overlaps_before || overlaps_after {
+            return Err(libc::EEXIST);
+        }
+        let map = match fd {
+            Some(fd) => {
+                // VFIO_DMA_MAP_FLAG_READ/WRITE have the values of PROT_READ/PROT_WRITE.
+                let prot = flags as i32;
+                Some(
+                    map_shared(File::from(fd), offset, size, prot)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?,
+                )
+            }
+            None => None,
+        };
+        self.regions.insert(addr, DmaRegion { size, flags, map });
+        Ok(())
+    }
+
+    /// Removes every region inside `[addr, addr + size)`. A region only partly inside is an
+    /// error (EINVAL) and nothing is removed.
+    pub fn unmap(&mut self, addr: u64, size: u64) -> Result<usize, i32> {
+        let end = addr.checked_add(size).ok_or(libc::EINVAL)?;
+        let before = self.regions.range(..addr).next_back();
+        if before.is_some_and(|(&a, r)| a + r.size > addr) {
+            return Err(libc::EINVAL);
+        }
+        let inside: Vec<u64> = self.regions.range(addr..end).map(|(&a, _)| a).collect();
+        if inside.iter().any(|a| a + self.regions[a].size > end) {
+            return Err(libc::EINVAL);
+        }
+        for a in &inside {
+            self.regions.remove(a);
+        }
+        Ok(inside.len())
+    }
+
+    /// Removes everything.
+    pub fn clear(&mut self) -> usize {
+        let n = self.regions.len();
+        self.regions.clear();
+        n
+    }
+
+    /// Number of regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// No regions.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// Bytes mapped with an fd.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.regions
+            .values()
+            .filter(|r| r.map.is_some())
+            .map(|r| r.size)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memfd::memfd;
+
+    #[test]
+    fn map_unmap_and_overlaps() {
+        let mut m = DmaMaps::default();
+        m.map(0x1000, 0x2000, 0, 3, None).unwrap();
+        assert_eq!(m.map(0x2000, 0x1000, 0, 3, None), Err(libc::EEXIST));
+        assert_eq!(m.map(0x0, 0x1001, 0, 3, None), Err(libc::EEXIST));
+        m.map(
+            0x3000,
+            0x1000,
+            0,
+            3,
+            Some(memfd("ram", 0x1000).unwrap().into()),
+        )
+        .unwrap();
+        assert_eq!(m.mapped_bytes(), 0x1000);
+        assert_eq!(m.unmap(0x1000, 0x1000), Err(libc::EINVAL), "partial unmap");
+        assert_eq!(m.unmap(0x0, 0x4000), Ok(2));
+        assert_eq!(m.len(), 0);
+        assert_eq!(m.map(u64::MAX, 2, 0, 3, None), Err(libc::EINVAL));
+        assert_eq!(m.map(0, 0, 0, 3, None), Err(libc::EINVAL));
+    }
+
+    #[test]
+    fn an_fd_smaller_than_the_map_is_refused() {
+        let mut m = DmaMaps::default();
+        let small = memfd("ram", 0x1000).unwrap();
+        assert_eq!(
+            m.map(0, 0x2000, 0, 3, Some(small.into())),
+            Err(libc::EINVAL)
+        );
+        let f = memfd("ram", 0x2000).unwrap();
+        assert_eq!(
+            m.map(0, 0x1000, 0x1001, 3, Some(f.into())),
+            Err(libc::EINVAL),
+            "offset not page aligned"
+        );
+        assert_eq!(m.len(), 0);
+    }
+}

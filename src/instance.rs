@@ -1,0 +1,163 @@
+//! A served vGPU instance: the device model plus what the server and control endpoint report.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use uuid::Uuid;
+use vgpu_model::device::AccessCounters;
+use vgpu_model::{Device, DeviceError, VgpuType};
+
+use crate::memfd::MemfdVram;
+
+/// Protocol-level counters of the vfio-user server.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ServerCounters {
+    /// Clients accepted since start.
+    pub connections: u64,
+    /// Connections refused because a client was already attached.
+    pub refused_connections: u64,
+    /// Messages handled.
+    pub messages: u64,
+    /// Messages answered with an error.
+    pub errors: u64,
+}
+
+/// One instance: device, identity, and live counters.
+#[derive(Debug)]
+pub struct Instance {
+    /// The device model.
+    pub device: Device,
+    /// Instance UUID (EDID serial).
+    pub uuid: Uuid,
+    /// The vfio-user socket.
+    pub socket: PathBuf,
+    /// When the current client connected, if one is.
+    pub client_since: Option<SystemTime>,
+    /// Protocol counters.
+    pub counters: ServerCounters,
+}
+
+/// The instance as the server thread and the control thread share it.
+pub type SharedInstance = Arc<Mutex<Instance>>;
+
+/// Locks `shared`, recovering from a poisoned lock (a panicked holder cannot leave the model in
+/// a state that is unsafe to read: every access is bounds-checked).
+pub fn lock(shared: &SharedInstance) -> MutexGuard<'_, Instance> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why an instance could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    /// VRAM could not be allocated.
+    #[error("cannot create {size}-byte VRAM memfd")]
+    Vram {
+        /// Requested size.
+        size: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device model refused the type.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+impl Instance {
+    /// Creates an instance of `ty` with memfd VRAM. Returns it with a second handle on the VRAM
+    /// file, which the server passes to clients as the region fd.
+    pub fn new(ty: &VgpuType, uuid: Uuid, socket: PathBuf) -> Result<(Self, File), InstanceError> {
+        if !ty.personality.is_implemented() {
+            return Err(DeviceError::UnimplementedPersonality(ty.personality).into());
+        }
+        let name = format!("vgpu-emu-vram-{uuid}");
+        let vram = MemfdVram::new(&name, ty.framebuffer).map_err(|source| InstanceError::Vram {
+            size: ty.framebuffer,
+            source,
+        })?;
+        let file = vram
+            .fd()
+            .try_clone_to_owned()
+            .map(File::from)
+            .map_err(|source| InstanceError::Vram {
+                size: ty.framebuffer,
+                source,
+            })?;
+        let device = Device::new(ty, uuid.as_bytes(), Box::new(vram))?;
+        Ok((
+            Instance {
+                device,
+                uuid,
+                socket,
+                client_since: None,
+                counters: ServerCounters::default(),
+            },
+            file,
+        ))
+    }
+
+    /// What `vgpu-emu status` shows.
+    pub fn status(&self) -> Status {
+        let ty = self.device.vgpu_type();
+        let heads = (0..ty.num_heads)
+            .map(|head| match self.device.scanout(head) {
+                Ok(s) => HeadStatus {
+                    head,
+                    displaying: true,
+                    mode: s.to_string(),
+                },
+                Err(e) => HeadStatus {
+                    head,
+                    displaying: false,
+                    mode: format!("not displaying: {e}"),
+                },
+            })
+            .collect();
+        Status {
+            type_key: ty.key(),
+            uuid: self.uuid.to_string(),
+            socket: self.socket.display().to_string(),
+            client_connected: self.client_since.is_some(),
+            heads,
+            blanked: self.device.blanked(),
+            server: self.counters,
+            accesses: self.device.counters(),
+        }
+    }
+}
+
+/// One head's display state.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct HeadStatus {
+    /// Head index.
+    pub head: u32,
+    /// Whether it shows an image.
+    pub displaying: bool,
+    /// The mode, or why nothing is shown.
+    pub mode: String,
+}
+
+/// `vgpu-emu status` output.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// `name@version`.
+    #[serde(rename = "type")]
+    pub type_key: String,
+    /// Instance UUID.
+    pub uuid: String,
+    /// vfio-user socket.
+    pub socket: String,
+    /// A client is attached.
+    pub client_connected: bool,
+    /// Per-head display state.
+    pub heads: Vec<HeadStatus>,
+    /// The VGA attribute index says the display is blanked.
+    pub blanked: bool,
+    /// Protocol counters.
+    pub server: ServerCounters,
+    /// Device access counters.
+    pub accesses: AccessCounters,
+}

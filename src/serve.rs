@@ -1,0 +1,140 @@
+//! `vgpu-emu serve`: one instance on one socket until SIGINT or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use log::info;
+use uuid::Uuid;
+use vgpu_model::{Catalog, VgpuType};
+
+use crate::control::ControlServer;
+use crate::error::CliError;
+use crate::instance::Instance;
+use crate::server::Server;
+use crate::socket::{self, control_path, RemoveOnDrop};
+
+/// Validated `serve` settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// `NAME[@VERSION]`, or `None` for the catalog's default type.
+    pub type_spec: Option<String>,
+    /// The vfio-user socket path.
+    pub socket: PathBuf,
+    /// Instance UUID (EDID serial; mdev identity).
+    pub uuid: Uuid,
+}
+
+/// The socket used when none is given: `$XDG_RUNTIME_DIR/vgpu-emu.sock`, else
+/// `/tmp/vgpu-emu-<uid>.sock`.
+pub fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => Path::new(&dir).join("vgpu-emu.sock"),
+        // SAFETY: getuid has no preconditions and cannot fail.
+        _ => PathBuf::from(format!("/tmp/vgpu-emu-{}.sock", unsafe { libc::getuid() })),
+    }
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The QEMU options that attach the instance at `socket` (QEMU 10.1 or newer).
+pub fn qemu_options(socket: &Path) -> String {
+    let device = serde_json::json!({
+        "driver": "vfio-user-pci",
+        "socket": { "type": "unix", "path": socket.display().to_string() },
+    });
+    format!(
+        "-object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem \\\n    -device {}",
+        shell_quote(&device.to_string())
+    )
+}
+
+/// Resolves the type to serve and checks this build can serve it.
+pub fn resolve_servable<'a>(
+    catalog: &'a Catalog,
+    spec: Option<&str>,
+) -> Result<&'a VgpuType, CliError> {
+    let ty = match spec {
+        Some(s) => catalog.resolve(s)?,
+        None => catalog.default_type().ok_or(CliError::NoDefaultType)?,
+    };
+    if !ty.personality.is_implemented() {
+        let servable: Vec<String> = catalog
+            .types()
+            .iter()
+            .filter(|t| t.personality.is_implemented() && !t.deprecated)
+            .map(|t| t.key())
+            .collect();
+        return Err(CliError::NotServable {
+            ty: ty.key(),
+            personality: ty.personality.to_string(),
+            servable: servable.join(", "),
+        });
+    }
+    Ok(ty)
+}
+
+/// Runs `serve` until a signal arrives.
+pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
+    let ty = resolve_servable(catalog, config.type_spec.as_deref())?;
+    let listener = socket::bind(&config.socket)?;
+    let _socket_guard = RemoveOnDrop(config.socket.clone());
+    let ctl_path = control_path(&config.socket);
+    let ctl_listener = socket::bind(&ctl_path)?;
+    let _ctl_guard = RemoveOnDrop(ctl_path.clone());
+
+    let (instance, vram_file) = Instance::new(ty, config.uuid, config.socket.clone())?;
+    let shared = Arc::new(Mutex::new(instance));
+    let control =
+        ControlServer::spawn(ctl_listener, &ctl_path, shared.clone()).map_err(CliError::Runtime)?;
+    let (mut server, stop) = Server::new(listener, shared, vram_file).map_err(CliError::Runtime)?;
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(CliError::Runtime)?;
+    let signal_handle = signals.handle();
+    let stopper = stop.clone();
+    let signal_thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!("signal {sig} received; shutting down");
+                stopper.stop();
+            }
+        })
+        .map_err(CliError::Runtime)?;
+
+    println!(
+        "vgpu-emu: serving {} (uuid {}, {}) on {}",
+        ty.key(),
+        config.uuid,
+        ty.nvidia_description(),
+        config.socket.display()
+    );
+    println!("Attach it with QEMU 10.1 or newer (guest RAM must be a shared memfd):");
+    println!("  qemu-system-x86_64 {} ...", qemu_options(&config.socket));
+    println!(
+        "Status: vgpu-emu status --socket {0}    Screenshot: vgpu-emu screenshot --socket {0} -o screen.png",
+        shell_quote(&config.socket.display().to_string())
+    );
+    info!(
+        "listening on {} (control {})",
+        config.socket.display(),
+        ctl_path.display()
+    );
+
+    let result = server.run();
+    signal_handle.close();
+    let _ = signal_thread.join();
+    control.stop();
+    info!(
+        "stopped; removed {} and {}",
+        config.socket.display(),
+        ctl_path.display()
+    );
+    result.map_err(CliError::Runtime)
+}

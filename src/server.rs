@@ -1,0 +1,989 @@
+//! The vfio-user server: one listening socket, one client at a time, on a mio event loop.
+//!
+//! Framing: bytes are read into a fixed per-connection buffer (sized by *our* limit, never by a
+//! peer's claim) and a message is acted on only once all of it is in. A message whose size is
+//! below the header is answered with EINVAL and the connection closed (the stream cannot be
+//! resynchronised); one above our limit is answered with E2BIG and its bytes drained, so the
+//! next message is read in sync. Every error reply carries a non-zero errno; a message flagged
+//! no-reply gets no reply, even on error.
+//!
+//! Descriptors: the kernel ends a `recvmsg` right after the segment that carried descriptors,
+//! and a client sends each message (with its descriptors) in one `sendmsg`. So descriptors that
+//! arrive with a read belong to the *last* message that starts within that read's bytes; any
+//! other attribution is a protocol error and the descriptors are closed.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use log::{debug, info, trace, warn, Level};
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use vfio_bindings::bindings::vfio as vb;
+use vgpu_model::device::{NUM_IRQS, NUM_REGIONS};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::IntoBytes;
+
+use crate::dma::DmaMaps;
+use crate::instance::{lock, Instance, SharedInstance};
+use crate::log_limited;
+use crate::protocol::{self as p, cmd, flags, Header, HEADER_SIZE};
+use crate::ratelimit::RateLimit;
+use crate::scm::{self, MAX_FDS};
+
+/// Largest REGION_READ/WRITE data we accept and advertise (`max_data_xfer_size`).
+pub const MAX_DATA_XFER: u32 = 1 << 20;
+/// Largest message we accept: header, access head and data, plus room for VERSION JSON.
+pub const MAX_MESSAGE: usize = HEADER_SIZE + 16 + MAX_DATA_XFER as usize;
+/// Receive buffer: one largest message plus one read's worth.
+const BUF_SIZE: usize = MAX_MESSAGE + 64 * 1024;
+/// Page size we advertise (`pgsizes`).
+const PAGE_SIZE: u64 = 4096;
+
+const LISTENER: Token = Token(0);
+const CLIENT: Token = Token(1);
+const WAKER: Token = Token(2);
+
+/// Stops a running [`Server`] from another thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl StopHandle {
+    /// Asks the server loop to return.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// The server of one instance.
+#[derive(Debug)]
+pub struct Server {
+    poll: Poll,
+    listener: UnixListener,
+    conn: Option<Conn>,
+    instance: SharedInstance,
+    vram_file: File,
+    stop: Arc<AtomicBool>,
+    refuse_log: RateLimit,
+    next_conn: u64,
+}
+
+/// Negotiated limits of a connection.
+#[derive(Clone, Copy, Debug)]
+struct Caps {
+    max_xfer: u32,
+}
+
+#[derive(Debug)]
+struct FdChunk {
+    start: u64,
+    end: u64,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    stream: UnixStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Stream position of `buf[0]`.
+    base: u64,
+    fd_chunks: VecDeque<FdChunk>,
+    /// Bytes still to drain from a rejected oversize message.
+    discard: u64,
+    /// Reply bytes not yet sent, and descriptors to send with their first byte.
+    out: Vec<u8>,
+    out_pos: usize,
+    out_fds: Vec<RawFd>,
+    /// Scratch for building a reply.
+    reply: Vec<u8>,
+    session: Session,
+    closing: bool,
+    log: RateLimit,
+}
+
+/// Per-client protocol state: negotiation, DMA maps, IRQ eventfds.
+#[derive(Debug, Default)]
+struct Session {
+    caps: Option<Caps>,
+    dma: DmaMaps,
+    irqs: Vec<Vec<Option<OwnedFd>>>,
+    messages: u64,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl Server {
+    /// A server for `instance` on an already bound `listener`. `vram_file` is handed to clients
+    /// as the VRAM region's fd.
+    pub fn new(
+        listener: std::os::unix::net::UnixListener,
+        instance: SharedInstance,
+        vram_file: File,
+    ) -> io::Result<(Server, StopHandle)> {
+        listener.set_nonblocking(true)?;
+        let mut listener = UnixListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        Ok((
+            Server {
+                poll,
+                listener,
+                conn: None,
+                instance,
+                vram_file,
+                stop: stop.clone(),
+                refuse_log: RateLimit::default(),
+                next_conn: 1,
+            },
+            StopHandle { stop, waker },
+        ))
+    }
+
+    /// Serves until stopped.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(16);
+        while !self.stop.load(Ordering::SeqCst) {
+            match self.poll.poll(&mut events, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in &events {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    CLIENT => {
+                        if ev.is_writable() {
+                            self.on_writable();
+                        }
+                        if ev.is_readable() || ev.is_read_closed() {
+                            self.on_readable();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.disconnect("server stopping");
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    if self.conn.is_some() {
+                        lock(&self.instance).counters.refused_connections += 1;
+                        log_limited!(
+                            self.refuse_log,
+                            Level::Warn,
+                            "refused a second vfio-user client: one client at a time is served"
+                        );
+                        continue;
+                    }
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        CLIENT,
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        warn!("cannot watch new client: {e}");
+                        continue;
+                    }
+                    let id = self.next_conn;
+                    self.next_conn += 1;
+                    {
+                        let mut inst = lock(&self.instance);
+                        inst.counters.connections += 1;
+                        inst.client_since = Some(SystemTime::now());
+                    }
+                    info!("client connected (connection {id})");
+                    self.conn = Some(Conn::new(id, stream));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log_limited!(self.refuse_log, Level::Warn, "accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn disconnect(&mut self, why: &str) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        let irqs: usize = conn
+            .session
+            .irqs
+            .iter()
+            .flatten()
+            .filter(|e| e.is_some())
+            .count();
+        info!(
+            "client disconnected (connection {}, {why}) after {} messages; dropped {} DMA maps and {} IRQ eventfds; device state kept",
+            conn.id,
+            conn.session.messages,
+            conn.session.dma.len(),
+            irqs
+        );
+        lock(&self.instance).client_since = None;
+        // Dropping `conn` closes the socket, unmaps DMA regions and closes eventfds.
+    }
+
+    fn on_writable(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match conn.flush() {
+            Ok(true) => self.on_readable(),
+            Ok(false) => {}
+            Err(e) => self.disconnect(&format!("send failed: {e}")),
+        }
+    }
+
+    fn on_readable(&mut self) {
+        let flow = match self.conn.as_mut() {
+            Some(conn) => conn.pump(&self.instance, &self.vram_file),
+            None => return,
+        };
+        match flow {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Close) => self.disconnect("closed"),
+            Err(e) => self.disconnect(&format!("error: {e}")),
+        }
+    }
+}
+
+impl Conn {
+    fn new(id: u64, stream: UnixStream) -> Conn {
+        Conn {
+            id,
+            stream,
+            buf: vec![0; BUF_SIZE],
+            start: 0,
+            end: 0,
+            base: 0,
+            fd_chunks: VecDeque::new(),
+            discard: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            out_fds: Vec::new(),
+            reply: Vec::with_capacity(256),
+            session: Session::default(),
+            closing: false,
+            log: RateLimit::default(),
+        }
+    }
+
+    fn out_pending(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    /// Sends pending output. Ok(true) when all is sent.
+    fn flush(&mut self) -> io::Result<bool> {
+        while self.out_pending() {
+            match scm::send_with_fds(
+                self.stream.as_raw_fd(),
+                &self.out[self.out_pos..],
+                &self.out_fds,
+            ) {
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.out_fds.clear();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Ok(true)
+    }
+
+    /// Reads what is available and handles every complete message.
+    fn pump(&mut self, instance: &SharedInstance, vram: &File) -> io::Result<Flow> {
+        loop {
+            if self.out_pending() || self.closing {
+                // Back-pressure: a client that does not read its replies stops being read.
+                return Ok(if self.closing && !self.out_pending() {
+                    Flow::Close
+                } else {
+                    Flow::Continue
+                });
+            }
+            self.handle_buffered(instance, vram)?;
+            if self.closing || self.out_pending() {
+                continue;
+            }
+            if self.start == self.end {
+                self.base += self.end as u64;
+                self.start = 0;
+                self.end = 0;
+            } else if self.end == self.buf.len() {
+                self.base += self.start as u64;
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let space = self.buf.len() - self.end;
+            let got = match scm::recv_with_fds(self.stream.as_raw_fd(), &mut self.buf[self.end..]) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Continue),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if got.len == 0 {
+                return Ok(Flow::Close);
+            }
+            let at = self.base + self.end as u64;
+            if !got.fds.is_empty() || got.truncated {
+                self.fd_chunks.push_back(FdChunk {
+                    start: at,
+                    end: at + got.len as u64,
+                    fds: got.fds,
+                    truncated: got.truncated,
+                });
+            }
+            let short = got.len < space
+                && self
+                    .fd_chunks
+                    .back()
+                    .is_none_or(|c| c.end != at + got.len as u64);
+            self.end += got.len;
+            self.handle_buffered(instance, vram)?;
+            // A read shorter than the room offered, without descriptors, emptied the socket at
+            // that moment; data arriving later raises a new readiness edge. Skipping the
+            // read-until-EAGAIN saves a syscall per message on the register-access path.
+            if short && !self.out_pending() && !self.closing {
+                return Ok(Flow::Continue);
+            }
+        }
+    }
+
+    /// Takes the descriptors that belong to the message at stream position `pos` of `size`
+    /// bytes; closes any that arrived for no message.
+    fn take_fds(&mut self, pos: u64, size: u64) -> (Vec<OwnedFd>, bool) {
+        while let Some(c) = self.fd_chunks.front() {
+            if c.end <= pos {
+                let stale = self.fd_chunks.pop_front().map_or(0, |c| c.fds.len());
+                log_limited!(
+                    self.log,
+                    Level::Warn,
+                    "closed {stale} descriptors sent with no message"
+                );
+                continue;
+            }
+            break;
+        }
+        match self.fd_chunks.front() {
+            Some(c) if c.start <= pos && pos + size >= c.end => {
+                let c = self.fd_chunks.pop_front().expect("front exists");
+                (c.fds, c.truncated)
+            }
+            _ => (Vec::new(), false),
+        }
+    }
+
+    fn handle_buffered(&mut self, instance: &SharedInstance, vram: &File) -> io::Result<()> {
+        let mut inst: Option<std::sync::MutexGuard<'_, Instance>> = None;
+        while !self.closing && !self.out_pending() {
+            let avail = self.end - self.start;
+            if self.discard > 0 {
+                let n = (self.discard.min(avail as u64)) as usize;
+                self.start += n;
+                self.discard -= n as u64;
+                if self.discard > 0 {
+                    break;
+                }
+                continue;
+            }
+            let Some(hdr) = p::read::<Header>(&self.buf[self.start..self.end]) else {
+                break;
+            };
+            let size = hdr.size.get() as usize;
+            let pos = self.base + self.start as u64;
+            let no_reply = hdr.flags.get() & flags::NO_REPLY != 0;
+            if size < HEADER_SIZE {
+                log_limited!(
+                    self.log,
+                    Level::Warn,
+                    "message size {size} is below the header size; closing the connection"
+                );
+                self.send_error(&hdr, libc::EINVAL, no_reply)?;
+                self.closing = true;
+                break;
+            }
+            if size > MAX_MESSAGE {
+                log_limited!(
+                    self.log,
+                    Level::Warn,
+                    "{} message of {size} bytes exceeds the {MAX_MESSAGE}-byte limit; draining it",
+                    cmd::name(hdr.command.get())
+                );
+                let _ = self.take_fds(pos, size as u64);
+                self.discard = size as u64;
+                self.send_error(&hdr, libc::E2BIG, no_reply)?;
+                continue;
+            }
+            if avail < size {
+                break;
+            }
+            let (fds, truncated) = self.take_fds(pos, size as u64);
+            let inst = inst.get_or_insert_with(|| lock(instance));
+            self.reply.clear();
+            self.reply.extend_from_slice(&[0u8; HEADER_SIZE]);
+            let mut reply_fds: Vec<RawFd> = Vec::new();
+            let payload = &self.buf[self.start + HEADER_SIZE..self.start + size];
+            let result = if truncated || fds.len() > MAX_FDS {
+                Err(libc::EINVAL)
+            } else {
+                self.session.handle(
+                    &hdr,
+                    payload,
+                    fds,
+                    inst,
+                    vram,
+                    &mut self.reply,
+                    &mut reply_fds,
+                )
+            };
+            self.start += size;
+            self.session.messages += 1;
+            inst.counters.messages += 1;
+            match result {
+                Ok(()) => {
+                    if !no_reply {
+                        let h = Header::reply_to(&hdr, self.reply.len() - HEADER_SIZE);
+                        self.reply[..HEADER_SIZE].copy_from_slice(h.as_bytes());
+                        let reply = std::mem::take(&mut self.reply);
+                        let r = self.send(&reply, &reply_fds);
+                        self.reply = reply;
+                        r?;
+                    }
+                }
+                Err(errno) => {
+                    inst.counters.errors += 1;
+                    log_limited!(
+                        self.log,
+                        Level::Warn,
+                        "{} (id {}) failed: {}",
+                        cmd::name(hdr.command.get()),
+                        hdr.id.get(),
+                        io::Error::from_raw_os_error(errno)
+                    );
+                    self.send_error(&hdr, errno, no_reply)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_error(&mut self, req: &Header, errno: i32, no_reply: bool) -> io::Result<()> {
+        if no_reply {
+            return Ok(());
+        }
+        let h = Header::error_reply(req, errno);
+        self.send(h.as_bytes(), &[])
+    }
+
+    /// Sends one reply; what does not fit the socket now is kept and sent when writable.
+    fn send(&mut self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        debug_assert!(!self.out_pending());
+        let mut sent = 0;
+        let mut fds = fds;
+        while sent < bytes.len() {
+            match scm::send_with_fds(self.stream.as_raw_fd(), &bytes[sent..], fds) {
+                Ok(n) => {
+                    sent += n;
+                    fds = &[];
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.out.clear();
+                    self.out.extend_from_slice(&bytes[sent..]);
+                    self.out_pos = 0;
+                    self.out_fds = fds.to_vec();
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends a zerocopy struct to a reply.
+fn put<T: IntoBytes + zerocopy::Immutable>(reply: &mut Vec<u8>, v: &T) {
+    reply.extend_from_slice(v.as_bytes());
+}
+
+fn is_eventfd(fd: &OwnedFd) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
+}
+
+impl Session {
+    /// Vectors per IRQ index. INTx, MSI and MSI-X have none (interrupt pin 0, no MSI
+    /// capabilities). ERR and REQ have one each, as on a PCIe vfio-pci device: QEMU's
+    /// vfio-user-pci always queries ERR (warning "Could not enable error recovery" at count 0)
+    /// and assigns it an eventfd; REQ lets a server ask a client to release the device.
+    fn irq_count(index: u32) -> u32 {
+        match index {
+            vb::VFIO_PCI_ERR_IRQ_INDEX | vb::VFIO_PCI_REQ_IRQ_INDEX => 1,
+            _ => 0,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle(
+        &mut self,
+        hdr: &Header,
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+        inst: &mut Instance,
+        vram: &File,
+        reply: &mut Vec<u8>,
+        reply_fds: &mut Vec<RawFd>,
+    ) -> Result<(), i32> {
+        let command = hdr.command.get();
+        trace!(
+            "{} id {} ({} bytes)",
+            cmd::name(command),
+            hdr.id.get(),
+            payload.len()
+        );
+        if hdr.flags.get() & flags::TYPE_MASK != flags::TYPE_COMMAND
+            || hdr.flags.get() & flags::ERROR != 0
+        {
+            return Err(libc::EINVAL);
+        }
+        if !fds.is_empty() && !matches!(command, cmd::DMA_MAP | cmd::DEVICE_SET_IRQS) {
+            return Err(libc::EINVAL);
+        }
+        if command == cmd::VERSION {
+            return self.version(payload, reply);
+        }
+        let Some(caps) = self.caps else {
+            // Everything but VERSION needs a negotiated connection.
+            return Err(libc::EINVAL);
+        };
+        match command {
+            cmd::DMA_MAP => {
+                let m: p::DmaMap = p::read(payload).ok_or(libc::EINVAL)?;
+                if (m.argsz.get() as usize) < size_of::<p::DmaMap>() || fds.len() > 1 {
+                    return Err(libc::EINVAL);
+                }
+                let prot_bits = vb::VFIO_DMA_MAP_FLAG_READ | vb::VFIO_DMA_MAP_FLAG_WRITE;
+                if m.flags.get() & !prot_bits != 0 {
+                    return Err(libc::EINVAL);
+                }
+                self.dma.map(
+                    m.addr.get(),
+                    m.size.get(),
+                    m.offset.get(),
+                    m.flags.get(),
+                    fds.into_iter().next(),
+                )?;
+                debug!(
+                    "DMA map {:#x}+{:#x} ({} regions)",
+                    m.addr.get(),
+                    m.size.get(),
+                    self.dma.len()
+                );
+                Ok(())
+            }
+            cmd::DMA_UNMAP => {
+                let u: p::DmaUnmap = p::read(payload).ok_or(libc::EINVAL)?;
+                if (u.argsz.get() as usize) < size_of::<p::DmaUnmap>() {
+                    return Err(libc::EINVAL);
+                }
+                let f = u.flags.get();
+                if f & vb::VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
+                    return Err(libc::ENOTSUP);
+                }
+                if f & !vb::VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+                    return Err(libc::EINVAL);
+                }
+                if f & vb::VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+                    if u.addr.get() != 0 || u.size.get() != 0 {
+                        return Err(libc::EINVAL);
+                    }
+                    self.dma.clear();
+                } else {
+                    self.dma.unmap(u.addr.get(), u.size.get())?;
+                }
+                put(
+                    reply,
+                    &p::DmaUnmap {
+                        argsz: U32::new(size_of::<p::DmaUnmap>() as u32),
+                        ..u
+                    },
+                );
+                Ok(())
+            }
+            cmd::DEVICE_GET_INFO => {
+                let i: p::DeviceInfo = p::read(payload).ok_or(libc::EINVAL)?;
+                if (i.argsz.get() as usize) < size_of::<p::DeviceInfo>() {
+                    return Err(libc::EINVAL);
+                }
+                put(
+                    reply,
+                    &p::DeviceInfo {
+                        argsz: U32::new(size_of::<p::DeviceInfo>() as u32),
+                        flags: U32::new(vb::VFIO_DEVICE_FLAGS_PCI | vb::VFIO_DEVICE_FLAGS_RESET),
+                        num_regions: U32::new(NUM_REGIONS),
+                        num_irqs: U32::new(NUM_IRQS),
+                    },
+                );
+                Ok(())
+            }
+            cmd::DEVICE_GET_REGION_INFO => region_info(payload, inst, vram, reply, reply_fds),
+            cmd::DEVICE_GET_IRQ_INFO => {
+                let i: p::IrqInfo = p::read(payload).ok_or(libc::EINVAL)?;
+                let index = i.index.get();
+                if (i.argsz.get() as usize) < size_of::<p::IrqInfo>() || index >= NUM_IRQS {
+                    return Err(libc::EINVAL);
+                }
+                let mut fl = vb::VFIO_IRQ_INFO_EVENTFD;
+                fl |= if index == vb::VFIO_PCI_INTX_IRQ_INDEX {
+                    vb::VFIO_IRQ_INFO_MASKABLE | vb::VFIO_IRQ_INFO_AUTOMASKED
+                } else {
+                    vb::VFIO_IRQ_INFO_NORESIZE
+                };
+                put(
+                    reply,
+                    &p::IrqInfo {
+                        argsz: U32::new(size_of::<p::IrqInfo>() as u32),
+                        flags: U32::new(fl),
+                        index: U32::new(index),
+                        count: U32::new(Self::irq_count(index)),
+                    },
+                );
+                Ok(())
+            }
+            cmd::DEVICE_SET_IRQS => self.set_irqs(payload, fds),
+            cmd::REGION_READ => {
+                let a: p::RegionAccess = p::read(payload).ok_or(libc::EINVAL)?;
+                if payload.len() != size_of::<p::RegionAccess>() || a.count.get() > caps.max_xfer {
+                    return Err(libc::EINVAL);
+                }
+                put(reply, &a);
+                let at = reply.len();
+                reply.resize(at + a.count.get() as usize, 0);
+                if let Err(e) = inst
+                    .device
+                    .read(a.region.get(), a.offset.get(), &mut reply[at..])
+                {
+                    trace!("{e}");
+                    return Err(libc::EINVAL);
+                }
+                Ok(())
+            }
+            cmd::REGION_WRITE => {
+                let a: p::RegionAccess = p::read(payload).ok_or(libc::EINVAL)?;
+                let data = &payload[size_of::<p::RegionAccess>()..];
+                if data.len() != a.count.get() as usize || a.count.get() > caps.max_xfer {
+                    return Err(libc::EINVAL);
+                }
+                if let Err(e) = inst.device.write(a.region.get(), a.offset.get(), data) {
+                    trace!("{e}");
+                    return Err(libc::EINVAL);
+                }
+                put(reply, &a);
+                Ok(())
+            }
+            cmd::REGION_WRITE_MULTI => {
+                let (count, rest) = payload.split_at_checked(8).ok_or(libc::EINVAL)?;
+                let count = u64::from_le_bytes(count.try_into().map_err(|_| libc::EINVAL)?);
+                let entry = size_of::<p::WriteOne>();
+                if count == 0 || count > p::MULTI_MAX as u64 || rest.len() < count as usize * entry
+                {
+                    return Err(libc::EINVAL);
+                }
+                let entries: Vec<p::WriteOne> = rest
+                    .chunks_exact(entry)
+                    .take(count as usize)
+                    .filter_map(p::read)
+                    .collect();
+                if entries
+                    .iter()
+                    .any(|w| !(1..=p::MULTI_DATA as u32).contains(&w.count.get()))
+                {
+                    return Err(libc::EINVAL);
+                }
+                for w in &entries {
+                    let data = &w.data[..w.count.get() as usize];
+                    inst.device
+                        .write(w.region.get(), w.offset.get(), data)
+                        .map_err(|_| libc::EINVAL)?;
+                }
+                Ok(())
+            }
+            cmd::DEVICE_RESET => {
+                inst.device.reset();
+                info!("device reset by the client");
+                Ok(())
+            }
+            _ => Err(libc::ENOSYS),
+        }
+    }
+
+    fn version(&mut self, payload: &[u8], reply: &mut Vec<u8>) -> Result<(), i32> {
+        if self.caps.is_some() {
+            return Err(libc::EINVAL);
+        }
+        let v: p::Version = p::read(payload).ok_or(libc::EINVAL)?;
+        if v.major.get() != 0 {
+            return Err(libc::ENOTSUP);
+        }
+        let json = &payload[size_of::<p::Version>()..];
+        // A NUL-terminated string with no NUL inside.
+        let Some((&0, text)) = json.split_last() else {
+            return Err(libc::EINVAL);
+        };
+        if text.contains(&0) {
+            return Err(libc::EINVAL);
+        }
+        let value: serde_json::Value = if text.is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            serde_json::from_slice(text).map_err(|_| libc::EINVAL)?
+        };
+        let caps = match value.get("capabilities") {
+            None => None,
+            Some(c) if c.is_object() => Some(c),
+            Some(_) => return Err(libc::EINVAL),
+        };
+        if !value.is_object() {
+            return Err(libc::EINVAL);
+        }
+        let field = |k: &str| -> Result<Option<u64>, i32> {
+            match caps.and_then(|c| c.get(k)) {
+                None => Ok(None),
+                Some(v) => v.as_u64().map(Some).ok_or(libc::EINVAL),
+            }
+        };
+        let client_xfer = field("max_data_xfer_size")?.unwrap_or(u64::from(MAX_DATA_XFER));
+        if client_xfer == 0 {
+            return Err(libc::EINVAL);
+        }
+        let _ = field("max_msg_fds")?;
+        self.caps = Some(Caps {
+            max_xfer: client_xfer.min(u64::from(MAX_DATA_XFER)) as u32,
+        });
+        // QEMU reads the reply into a buffer the size of its request: never answer longer.
+        let full = format!(
+            "{{\"capabilities\":{{\"max_msg_fds\":{MAX_FDS},\"max_data_xfer_size\":{MAX_DATA_XFER},\"pgsizes\":{PAGE_SIZE}}}}}"
+        );
+        let short = format!("{{\"capabilities\":{{\"pgsizes\":{PAGE_SIZE}}}}}");
+        let answer = if full.len() <= text.len() {
+            full
+        } else {
+            short
+        };
+        put(
+            reply,
+            &p::Version {
+                major: U16::new(0),
+                minor: U16::new(0),
+            },
+        );
+        reply.extend_from_slice(answer.as_bytes());
+        reply.push(0);
+        info!(
+            "negotiated vfio-user 0.0 (client {}.{}; max_data_xfer_size {})",
+            v.major.get(),
+            v.minor.get(),
+            client_xfer.min(u64::from(MAX_DATA_XFER))
+        );
+        Ok(())
+    }
+
+    fn set_irqs(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<(), i32> {
+        let s: p::IrqSet = p::read(payload).ok_or(libc::EINVAL)?;
+        let (fl, index, start, count) =
+            (s.flags.get(), s.index.get(), s.start.get(), s.count.get());
+        if (s.argsz.get() as usize) < size_of::<p::IrqSet>() || index >= NUM_IRQS {
+            return Err(libc::EINVAL);
+        }
+        let data = fl & vb::VFIO_IRQ_SET_DATA_TYPE_MASK;
+        let action = fl & vb::VFIO_IRQ_SET_ACTION_TYPE_MASK;
+        let known = vb::VFIO_IRQ_SET_DATA_TYPE_MASK | vb::VFIO_IRQ_SET_ACTION_TYPE_MASK;
+        if fl & !known != 0 || !data.is_power_of_two() || !action.is_power_of_two() {
+            return Err(libc::EINVAL);
+        }
+        if data != vb::VFIO_IRQ_SET_DATA_EVENTFD && !fds.is_empty() {
+            return Err(libc::EINVAL);
+        }
+        if self.irqs.is_empty() {
+            self.irqs = (0..NUM_IRQS)
+                .map(|i| (0..Self::irq_count(i)).map(|_| None).collect())
+                .collect();
+        }
+        let vectors = &mut self.irqs[index as usize];
+        if data == vb::VFIO_IRQ_SET_DATA_NONE
+            && action == vb::VFIO_IRQ_SET_ACTION_TRIGGER
+            && count == 0
+        {
+            // Disable the whole index.
+            vectors.iter_mut().for_each(|v| *v = None);
+            return Ok(());
+        }
+        let end = start.checked_add(count).ok_or(libc::EINVAL)?;
+        if count == 0 || end as usize > vectors.len() {
+            return Err(libc::EINVAL);
+        }
+        // No index here is maskable.
+        if action != vb::VFIO_IRQ_SET_ACTION_TRIGGER {
+            return Err(libc::EINVAL);
+        }
+        let range = start as usize..end as usize;
+        match data {
+            vb::VFIO_IRQ_SET_DATA_EVENTFD => {
+                if fds.is_empty() {
+                    // A chunk without descriptors de-assigns.
+                    vectors[range].iter_mut().for_each(|v| *v = None);
+                } else if fds.len() == count as usize {
+                    if !fds.iter().all(is_eventfd) {
+                        return Err(libc::EINVAL);
+                    }
+                    for (slot, fd) in vectors[range].iter_mut().zip(fds) {
+                        *slot = Some(fd);
+                    }
+                } else {
+                    return Err(libc::EINVAL);
+                }
+                Ok(())
+            }
+            vb::VFIO_IRQ_SET_DATA_NONE => {
+                vectors[range].iter().flatten().for_each(signal);
+                Ok(())
+            }
+            vb::VFIO_IRQ_SET_DATA_BOOL => {
+                let bools = payload.get(size_of::<p::IrqSet>()..).ok_or(libc::EINVAL)?;
+                if bools.len() < count as usize {
+                    return Err(libc::EINVAL);
+                }
+                for (v, &b) in vectors[range].iter().zip(bools) {
+                    if b != 0 {
+                        if let Some(fd) = v {
+                            signal(fd);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(libc::EINVAL),
+        }
+    }
+}
+
+/// Raises an interrupt: adds 1 to the eventfd.
+fn signal(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer to a descriptor we own (checked to be an
+    // eventfd when assigned).
+    let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n != 8 {
+        debug!("eventfd write failed: {}", io::Error::last_os_error());
+    }
+}
+
+fn region_info(
+    payload: &[u8],
+    inst: &Instance,
+    vram: &File,
+    reply: &mut Vec<u8>,
+    reply_fds: &mut Vec<RawFd>,
+) -> Result<(), i32> {
+    let req: p::RegionInfo = p::read(payload).ok_or(libc::EINVAL)?;
+    let argsz = req.argsz.get() as usize;
+    if argsz < size_of::<p::RegionInfo>() {
+        return Err(libc::EINVAL);
+    }
+    let info = inst
+        .device
+        .region_info(req.index.get())
+        .ok_or(libc::EINVAL)?;
+    let mut fl = 0;
+    if info.size > 0 {
+        if info.flags.read {
+            fl |= vb::VFIO_REGION_INFO_FLAG_READ;
+        }
+        if info.flags.write {
+            fl |= vb::VFIO_REGION_INFO_FLAG_WRITE;
+        }
+    }
+    let areas = &info.mmap_areas;
+    let cap_len = if info.flags.mmap && !areas.is_empty() {
+        size_of::<p::SparseMmapCap>() + areas.len() * size_of::<p::SparseMmapArea>()
+    } else {
+        0
+    };
+    let needed = size_of::<p::RegionInfo>() + cap_len;
+    let room = argsz >= needed;
+    if cap_len > 0 {
+        fl |= vb::VFIO_REGION_INFO_FLAG_MMAP | vb::VFIO_REGION_INFO_FLAG_CAPS;
+    }
+    put(
+        reply,
+        &p::RegionInfo {
+            argsz: U32::new(needed as u32),
+            flags: U32::new(fl),
+            index: req.index,
+            cap_offset: U32::new(if cap_len > 0 && room {
+                size_of::<p::RegionInfo>() as u32
+            } else {
+                0
+            }),
+            size: U64::new(info.size),
+            offset: U64::new(0),
+        },
+    );
+    if cap_len > 0 && room {
+        put(
+            reply,
+            &p::SparseMmapCap {
+                id: U16::new(vb::VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16),
+                version: U16::new(1),
+                next: U32::new(0),
+                nr_areas: U32::new(areas.len() as u32),
+                reserved: U32::new(0),
+            },
+        );
+        for a in areas {
+            put(
+                reply,
+                &p::SparseMmapArea {
+                    offset: U64::new(a.offset),
+                    size: U64::new(a.size),
+                },
+            );
+        }
+        reply_fds.push(vram.as_raw_fd());
+    }
+    Ok(())
+}
+
+/// How long a test may wait for the server; also documents QEMU's 5 s reply timeout.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
