@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::warn;
+use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::display::encode_png;
@@ -84,7 +84,8 @@ impl ControlServer {
                     match conn {
                         Ok(stream) => {
                             if let Err(e) = serve_one(stream, &instance) {
-                                warn!("control request failed: {e}");
+                                // The requester went away or stalled; its problem, not ours.
+                                debug!("control request failed: {e}");
                             }
                         }
                         Err(e) => warn!("control accept failed: {e}"),
@@ -114,6 +115,10 @@ fn serve_one(stream: UnixStream, instance: &SharedInstance) -> io::Result<()> {
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+    if line.trim().is_empty() {
+        // A probe that connected and left (a readiness check): nothing to answer.
+        return Ok(());
+    }
     let mut out = &stream;
     let fail = |out: &mut &UnixStream, error: String| -> io::Result<()> {
         let reply = Reply {

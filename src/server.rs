@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, trace, warn, Level};
 use mio::net::{UnixListener, UnixStream};
@@ -74,7 +74,14 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     refuse_log: RateLimit,
     next_conn: u64,
+    /// A client that connected while another was attached, and when it did.
+    waiting: Option<(UnixStream, Instant)>,
 }
+
+/// How long a new client waits for the attached one to go away before it is refused. A client
+/// that closes and reconnects can race its own EOF (for instance while a forked child still
+/// holds the old socket until it execs), so a reconnect is held briefly rather than refused.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(1);
 
 /// Negotiated limits of a connection.
 #[derive(Clone, Copy, Debug)]
@@ -152,6 +159,7 @@ impl Server {
                 stop: stop.clone(),
                 refuse_log: RateLimit::default(),
                 next_conn: 1,
+                waiting: None,
             },
             StopHandle { stop, waker },
         ))
@@ -161,7 +169,10 @@ impl Server {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(16);
         while !self.stop.load(Ordering::SeqCst) {
-            match self.poll.poll(&mut events, None) {
+            let timeout = self.waiting.as_ref().map(|(_, since)| {
+                (*since + RECONNECT_GRACE).saturating_duration_since(Instant::now())
+            });
+            match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -180,41 +191,29 @@ impl Server {
                     _ => {}
                 }
             }
+            self.settle_waiting();
         }
         self.disconnect("server stopping");
+        self.waiting = None;
         Ok(())
     }
 
     fn accept(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok((stream, _)) => {
                     if self.conn.is_some() {
-                        lock(&self.instance).counters.refused_connections += 1;
-                        log_limited!(
-                            self.refuse_log,
-                            Level::Warn,
-                            "refused a second vfio-user client: one client at a time is served"
-                        );
-                        continue;
+                        // The attached client may have closed already, its EOF not yet
+                        // processed: look before making the new one wait.
+                        self.on_readable();
                     }
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        CLIENT,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        warn!("cannot watch new client: {e}");
-                        continue;
+                    if self.conn.is_none() {
+                        self.adopt(stream);
+                    } else if self.waiting.is_none() {
+                        self.waiting = Some((stream, Instant::now()));
+                    } else {
+                        self.refuse(stream);
                     }
-                    let id = self.next_conn;
-                    self.next_conn += 1;
-                    {
-                        let mut inst = lock(&self.instance);
-                        inst.counters.connections += 1;
-                        inst.client_since = Some(SystemTime::now());
-                    }
-                    info!("client connected (connection {id})");
-                    self.conn = Some(Conn::new(id, stream));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -224,6 +223,53 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Adopts the waiting client once the attached one is gone; refuses it after the grace.
+    fn settle_waiting(&mut self) {
+        if self.conn.is_some() {
+            if self
+                .waiting
+                .as_ref()
+                .is_some_and(|(_, since)| since.elapsed() >= RECONNECT_GRACE)
+            {
+                if let Some((stream, _)) = self.waiting.take() {
+                    self.refuse(stream);
+                }
+            }
+        } else if let Some((stream, _)) = self.waiting.take() {
+            self.adopt(stream);
+        }
+    }
+
+    fn refuse(&mut self, stream: UnixStream) {
+        drop(stream);
+        lock(&self.instance).counters.refused_connections += 1;
+        log_limited!(
+            self.refuse_log,
+            Level::Warn,
+            "refused a second vfio-user client: one client at a time is served"
+        );
+    }
+
+    fn adopt(&mut self, mut stream: UnixStream) {
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            CLIENT,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("cannot watch new client: {e}");
+            return;
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        {
+            let mut inst = lock(&self.instance);
+            inst.counters.connections += 1;
+            inst.client_since = Some(SystemTime::now());
+        }
+        info!("client connected (connection {id})");
+        self.conn = Some(Conn::new(id, stream));
     }
 
     fn disconnect(&mut self, why: &str) {

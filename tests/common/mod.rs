@@ -1,0 +1,347 @@
+//! Test fixture: a spawned `vgpu-emu serve`, readiness waits, and a raw vfio-user peer.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_vgpu-emu");
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::yield_now();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A running `vgpu-emu serve`, killed on drop.
+pub struct Served {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+}
+
+impl Served {
+    /// Starts `vgpu-emu serve --type TYPE` on a fresh socket and waits until it listens.
+    pub fn start(ty: &str) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vgpu.sock");
+        let child = Command::new(BIN)
+            .args(["serve", "--type", ty, "--socket"])
+            .arg(&socket)
+            .env(
+                "RUST_LOG",
+                std::env::var("VGPU_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vgpu-emu");
+        let ctl = ctl_path(&socket);
+        let mut served = Served { child, dir, socket };
+        let pid = served.pid();
+        wait_until(Duration::from_secs(20), "the server to listen", || {
+            if let Ok(Some(status)) = served.child.try_wait() {
+                panic!("vgpu-emu (pid {pid}) exited early: {status}");
+            }
+            ctl.exists() && UnixStream::connect(&ctl).is_ok()
+        });
+        served
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open descriptors of the server process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Asserts the server process is still running.
+    pub fn assert_alive(&mut self) {
+        assert!(self.child.try_wait().unwrap().is_none(), "vgpu-emu died");
+    }
+
+    /// Runs `vgpu-emu ARGS... --socket SOCKET`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap()
+    }
+
+    /// `vgpu-emu status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `vgpu-emu screenshot` decoded to (width, height, RGB).
+    pub fn screenshot(&self) -> Result<(u32, u32, Vec<u8>), String> {
+        let png = self.dir.path().join("shot.png");
+        let out = Command::new(BIN)
+            .args(["screenshot", "--socket"])
+            .arg(&self.socket)
+            .arg("-o")
+            .arg(&png)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let bytes = std::fs::read(&png).unwrap();
+        Ok(vgpu_emu::display::decode_png_rgb(&bytes).unwrap())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn ctl_path(socket: &Path) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(".ctl");
+    PathBuf::from(s)
+}
+
+// ---- A raw vfio-user peer: builds messages byte by byte, independent of the server's structs.
+
+pub const VERSION: u16 = 1;
+pub const DMA_MAP: u16 = 2;
+pub const DMA_UNMAP: u16 = 3;
+pub const GET_INFO: u16 = 4;
+pub const GET_REGION_INFO: u16 = 5;
+pub const GET_IRQ_INFO: u16 = 7;
+pub const SET_IRQS: u16 = 8;
+pub const REGION_READ: u16 = 9;
+pub const REGION_WRITE: u16 = 10;
+pub const RESET: u16 = 13;
+pub const NO_REPLY: u32 = 1 << 4;
+pub const ERROR: u32 = 1 << 5;
+
+/// A reply as read off the wire.
+#[derive(Debug)]
+pub struct Reply {
+    pub id: u16,
+    pub command: u16,
+    pub flags: u32,
+    pub errno: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Reply {
+    pub fn is_error(&self) -> bool {
+        self.flags & ERROR != 0
+    }
+}
+
+pub fn message(id: u16, command: u16, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(16 + payload.len());
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&command.to_le_bytes());
+    m.extend_from_slice(&((16 + payload.len()) as u32).to_le_bytes());
+    m.extend_from_slice(&flags.to_le_bytes());
+    m.extend_from_slice(&0u32.to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+pub fn region_access(region: u32, offset: u64, count: u32) -> Vec<u8> {
+    let mut p = offset.to_le_bytes().to_vec();
+    p.extend_from_slice(&region.to_le_bytes());
+    p.extend_from_slice(&count.to_le_bytes());
+    p
+}
+
+pub fn version_payload(json: &[u8]) -> Vec<u8> {
+    let mut p = vec![0, 0, 0, 0];
+    p.extend_from_slice(json);
+    p
+}
+
+/// QEMU 10.1's VERSION JSON.
+pub const QEMU_CAPS: &str = r#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"migration":{"pgsize":4096,"max_bitmap_size":268435456},"write_multiple":true}}"#;
+
+pub struct Peer {
+    pub stream: UnixStream,
+    next_id: u16,
+}
+
+impl Peer {
+    pub fn connect(socket: &Path) -> Peer {
+        let stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Peer {
+            stream,
+            next_id: 100,
+        }
+    }
+
+    /// Connects and negotiates like QEMU.
+    pub fn negotiated(socket: &Path) -> Peer {
+        let mut p = Peer::connect(socket);
+        let mut json = QEMU_CAPS.as_bytes().to_vec();
+        json.push(0);
+        let r = p.call(VERSION, &version_payload(&json));
+        assert!(!r.is_error(), "VERSION failed: {r:?}");
+        p
+    }
+
+    pub fn next_id(&mut self) -> u16 {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.next_id
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends `bytes` with `fds` in one sendmsg, with no limit on the count (to test limits).
+    pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[RawFd]) {
+        if fds.is_empty() {
+            return self.send_raw(bytes);
+        }
+        let data_len = (fds.len() * 4) as u32;
+        let mut cmsg = vec![0u64; 1 + fds.len() / 2 + 4];
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
+        };
+        // SAFETY: every pointer refers to live local buffers: `cmsg` has room for CMSG_SPACE of
+        // `fds.len()` descriptors, `iov` describes `bytes`.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(data_len) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(c),
+                data_len as usize,
+            );
+            libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+        };
+        assert_eq!(
+            n,
+            bytes.len() as isize,
+            "sendmsg: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    pub fn read_reply(&mut self) -> Reply {
+        self.try_read_reply().expect("a reply")
+    }
+
+    /// A reply, or None when the server closed the connection.
+    pub fn try_read_reply(&mut self) -> Option<Reply> {
+        let mut h = [0u8; 16];
+        if self.stream.read_exact(&mut h).is_err() {
+            return None;
+        }
+        let size = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+        assert!(size >= 16, "reply size {size}");
+        let mut payload = vec![0; size - 16];
+        self.stream.read_exact(&mut payload).unwrap();
+        Some(Reply {
+            id: u16::from_le_bytes([h[0], h[1]]),
+            command: u16::from_le_bytes([h[2], h[3]]),
+            flags: u32::from_le_bytes(h[8..12].try_into().unwrap()),
+            errno: u32::from_le_bytes(h[12..16].try_into().unwrap()),
+            payload,
+        })
+    }
+
+    /// Sends a command and reads its reply, checking the id matches.
+    pub fn call(&mut self, command: u16, payload: &[u8]) -> Reply {
+        self.call_fds(command, payload, &[])
+    }
+
+    pub fn call_fds(&mut self, command: u16, payload: &[u8], fds: &[RawFd]) -> Reply {
+        let id = self.next_id();
+        self.send_with_fds(&message(id, command, 0, payload), fds);
+        let r = self.read_reply();
+        assert_eq!((r.id, r.command), (id, command), "reply matches request");
+        r
+    }
+
+    /// Expects an error reply with `errno`.
+    pub fn expect_errno(&mut self, command: u16, payload: &[u8], fds: &[RawFd], errno: i32) {
+        let r = self.call_fds(command, payload, fds);
+        assert!(r.is_error(), "expected errno {errno}, got success {r:?}");
+        assert_eq!(r.errno, errno as u32, "{r:?}");
+    }
+
+    /// True once the server has closed the connection.
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0))
+    }
+
+    /// A DISPI register read (2 bytes at BAR2 0x500 + index * 2).
+    pub fn dispi(&mut self, index: u64) -> u16 {
+        let r = self.call(REGION_READ, &region_access(2, 0x500 + 2 * index, 2));
+        assert!(!r.is_error(), "{r:?}");
+        u16::from_le_bytes([r.payload[16], r.payload[17]])
+    }
+
+    pub fn set_dispi(&mut self, index: u64, value: u16) {
+        let mut p = region_access(2, 0x500 + 2 * index, 2);
+        p.extend_from_slice(&value.to_le_bytes());
+        let r = self.call(REGION_WRITE, &p);
+        assert!(!r.is_error(), "{r:?}");
+    }
+}
+
+/// An eventfd owned by the test.
+pub fn eventfd() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd has no pointer arguments; a non-negative result is a new descriptor.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is new and owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Reads and resets an eventfd counter (0 when not signalled).
+pub fn eventfd_take(fd: &std::os::fd::OwnedFd) -> u64 {
+    let mut v = [0u8; 8];
+    // SAFETY: reads 8 bytes into a live buffer from a descriptor we own.
+    let n = unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+    if n == 8 {
+        u64::from_ne_bytes(v)
+    } else {
+        0
+    }
+}

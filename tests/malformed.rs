@@ -1,0 +1,490 @@
+//! Protocol tier, malformed input from a raw-socket peer (after libvfio-user's
+//! `test_request_errors.py`): each bad message gets an error reply with a non-zero errno or a
+//! clean disconnect, the connection stays in sync where it can, the server keeps serving, and no
+//! descriptor leaks.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use common::*;
+
+/// After each case: the server is alive and, once the previous client is gone, a fresh client
+/// works.
+fn fresh_client_works(served: &mut Served) {
+    served.assert_alive();
+    wait_until(
+        Duration::from_secs(5),
+        "the previous client to be gone",
+        || served.status()["client_connected"] == false,
+    );
+    let mut p = Peer::negotiated(&served.socket);
+    assert_eq!(p.dispi(0), 0xb0c5);
+}
+
+#[test]
+fn truncated_and_undersized_headers() {
+    let mut served = Served::start("EMU-16M");
+    // Fewer than 16 bytes, then EOF: nothing to answer; the server drops the connection.
+    let mut p = Peer::connect(&served.socket);
+    p.send_raw(&[1, 0, 1, 0, 0x20, 0, 0, 0, 0, 0]);
+    p.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(p.try_read_reply().is_none());
+    fresh_client_works(&mut served);
+
+    // message_size smaller than the header: EINVAL, then the server closes (no resync).
+    let mut p = Peer::negotiated(&served.socket);
+    let mut m = message(7, REGION_READ, 0, &[]);
+    m[4..8].copy_from_slice(&8u32.to_le_bytes());
+    p.send_raw(&m);
+    let r = p.read_reply();
+    assert_eq!(
+        (r.id, r.errno, r.is_error()),
+        (7, libc::EINVAL as u32, true)
+    );
+    assert!(p.closed_by_server());
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+#[test]
+fn oversize_messages_are_refused_and_drained_in_sync() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    // 64 KiB above the limit, really sent: E2BIG, drained, and the next command is answered.
+    let limit = 16 + 16 + (1 << 20);
+    let big = message(9, REGION_WRITE, 0, &vec![0u8; limit + 65536 - 16]);
+    let next = message(10, REGION_READ, 0, &region_access(2, 0x500, 2));
+    let writer = {
+        let mut s = p.stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            s.write_all(&big).unwrap();
+            s.write_all(&next).unwrap();
+        })
+    };
+    let r = p.read_reply();
+    assert_eq!((r.id, r.is_error(), r.errno), (9, true, libc::E2BIG as u32));
+    let r = p.read_reply();
+    assert_eq!((r.id, r.is_error()), (10, false));
+    assert_eq!(&r.payload[16..], &0xb0c5u16.to_le_bytes());
+    writer.join().unwrap();
+
+    // A claim of 2 GiB: E2BIG right away, no allocation of that size (the peer gives up).
+    drop(p);
+    wait_until(Duration::from_secs(5), "the disconnect", || {
+        served.status()["client_connected"] == false
+    });
+    let mut p = Peer::negotiated(&served.socket);
+    let mut m = message(11, REGION_WRITE, 0, &[0; 16]);
+    m[4..8].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    p.send_raw(&m);
+    let r = p.read_reply();
+    assert_eq!((r.id, r.errno), (11, libc::E2BIG as u32));
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+#[test]
+fn unknown_commands_are_drained_and_the_stream_stays_in_sync() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    // Unknown command with a payload, a command we do not implement, then a valid one, in one write.
+    let mut batch = message(20, 99, 0, &[0xab; 100]);
+    batch.extend(message(21, 6, 0, &[0; 24]));
+    batch.extend(message(22, REGION_READ, 0, &region_access(2, 0x500, 2)));
+    p.send_raw(&batch);
+    let r = p.read_reply();
+    assert_eq!((r.id, r.errno), (20, libc::ENOSYS as u32));
+    let r = p.read_reply();
+    assert_eq!((r.id, r.errno), (21, libc::ENOSYS as u32));
+    let r = p.read_reply();
+    assert_eq!(
+        (r.id, r.is_error(), &r.payload[16..]),
+        (22, false, &0xb0c5u16.to_le_bytes()[..])
+    );
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+#[test]
+fn bad_region_accesses() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    let einval = libc::EINVAL;
+    // Region index out of range; a zero-size region.
+    p.expect_errno(REGION_READ, &region_access(20, 0, 4), &[], einval);
+    p.expect_errno(REGION_READ, &region_access(1, 0, 4), &[], einval);
+    // offset + count past the end.
+    p.expect_errno(REGION_READ, &region_access(2, 4094, 4), &[], einval);
+    p.expect_errno(REGION_READ, &region_access(7, 255, 2), &[], einval);
+    p.expect_errno(REGION_READ, &region_access(0, 16 << 20, 1), &[], einval);
+    // count above max_data_xfer_size.
+    p.expect_errno(
+        REGION_READ,
+        &region_access(0, 0, (1 << 20) + 1),
+        &[],
+        einval,
+    );
+    // Offset overflow.
+    p.expect_errno(REGION_READ, &region_access(0, u64::MAX - 1, 4), &[], einval);
+    let mut w = region_access(2, u64::MAX, 2);
+    w.extend_from_slice(&[1, 2]);
+    p.expect_errno(REGION_WRITE, &w, &[], einval);
+    // A write whose count disagrees with its data.
+    let mut w = region_access(2, 0x502, 4);
+    w.extend_from_slice(&[1, 2]);
+    p.expect_errno(REGION_WRITE, &w, &[], einval);
+    // Short payloads.
+    p.expect_errno(REGION_READ, &[0; 8], &[], einval);
+    p.expect_errno(GET_REGION_INFO, &[0; 8], &[], einval);
+    // A message flagged as a reply, and a command with the error bit.
+    let id = p.next_id();
+    p.send_raw(&message(id, REGION_READ, 1, &region_access(2, 0x500, 2)));
+    assert_eq!(p.read_reply().errno, einval as u32);
+    // A no-reply message gets no reply even when it fails: the next reply is for the next id.
+    p.send_raw(&message(
+        500,
+        REGION_READ,
+        NO_REPLY,
+        &region_access(20, 0, 4),
+    ));
+    p.send_raw(&message(501, REGION_READ, 0, &region_access(2, 0x500, 2)));
+    assert_eq!(p.read_reply().id, 501);
+    // The model counted the refusals; nothing else changed.
+    assert_eq!(p.dispi(1), 0);
+    let status = served.status();
+    assert!(
+        status["accesses"]["refused"].as_u64().unwrap() >= 8,
+        "{status}"
+    );
+    assert!(
+        status["server"]["errors"].as_u64().unwrap() >= 12,
+        "{status}"
+    );
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+#[test]
+fn version_negotiation_errors() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::connect(&served.socket);
+    // Anything before VERSION.
+    p.expect_errno(REGION_READ, &region_access(2, 0x500, 2), &[], libc::EINVAL);
+    // No NUL terminator.
+    p.expect_errno(
+        VERSION,
+        &version_payload(br#"{"capabilities":{}}"#),
+        &[],
+        libc::EINVAL,
+    );
+    // Bad JSON, JSON that is not an object, a NUL inside, bad capability types.
+    for bad in [
+        &b"{\"capabilities\":\0"[..],
+        b"[1,2]\0",
+        b"{}\0{}\0",
+        b"{\"capabilities\":{\"max_data_xfer_size\":\"big\"}}\0",
+    ] {
+        p.expect_errno(VERSION, &version_payload(bad), &[], libc::EINVAL);
+    }
+    // Major version 1.
+    let mut v = version_payload(b"{}\0");
+    v[0] = 1;
+    p.expect_errno(VERSION, &v, &[], libc::ENOTSUP);
+    // Then a good VERSION on the same connection: a reply no longer than the request, with
+    // nonzero pgsizes and without write_multiple.
+    let mut json = QEMU_CAPS.as_bytes().to_vec();
+    json.push(0);
+    let request = version_payload(&json);
+    let r = p.call(VERSION, &request);
+    assert!(!r.is_error());
+    assert!(r.payload.len() <= request.len());
+    assert_eq!(&r.payload[..4], &[0, 0, 0, 0], "version 0.0");
+    assert_eq!(r.payload.last(), Some(&0));
+    let caps: serde_json::Value =
+        serde_json::from_slice(&r.payload[4..r.payload.len() - 1]).unwrap();
+    assert_eq!(caps["capabilities"]["pgsizes"], 4096);
+    assert!(caps["capabilities"]["max_msg_fds"].as_u64().unwrap() <= 16);
+    assert!(caps["capabilities"].get("write_multiple").is_none());
+    // A second VERSION is refused.
+    p.expect_errno(VERSION, &request, &[], libc::EINVAL);
+    // A short request gets a reply that still fits it.
+    drop(p);
+    wait_until(Duration::from_secs(5), "the disconnect", || {
+        served.status()["client_connected"] == false
+    });
+    let mut p = Peer::connect(&served.socket);
+    let short = version_payload(b"{\"capabilities\":{\"pgsizes\":4096}}\0");
+    let r = p.call(VERSION, &short);
+    assert!(!r.is_error() && r.payload.len() <= short.len(), "{r:?}");
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+fn dma_map(addr: u64, size: u64, offset: u64) -> Vec<u8> {
+    let mut m = 32u32.to_le_bytes().to_vec();
+    m.extend_from_slice(&3u32.to_le_bytes());
+    m.extend_from_slice(&offset.to_le_bytes());
+    m.extend_from_slice(&addr.to_le_bytes());
+    m.extend_from_slice(&size.to_le_bytes());
+    m
+}
+
+fn dma_unmap(flags: u32, addr: u64, size: u64) -> Vec<u8> {
+    let mut m = 24u32.to_le_bytes().to_vec();
+    m.extend_from_slice(&flags.to_le_bytes());
+    m.extend_from_slice(&addr.to_le_bytes());
+    m.extend_from_slice(&size.to_le_bytes());
+    m
+}
+
+#[test]
+fn dma_maps_and_descriptor_limits() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    let ram = vgpu_emu::memfd::memfd("guest-ram", 1 << 20).unwrap();
+    // Maps with and without an fd (as QEMU sends them), before DEVICE_GET_INFO.
+    let r = p.call_fds(DMA_MAP, &dma_map(0, 1 << 20, 0), &[ram.as_raw_fd()]);
+    assert!(!r.is_error() && r.payload.is_empty(), "{r:?}");
+    assert!(!p.call(DMA_MAP, &dma_map(0xfee0_0000, 0x1000, 0)).is_error());
+    // An fd smaller than the mapped size (SIGBUS if mapped): refused.
+    p.expect_errno(
+        DMA_MAP,
+        &dma_map(1 << 30, 2 << 20, 0),
+        &[ram.as_raw_fd()],
+        libc::EINVAL,
+    );
+    // Overlap.
+    p.expect_errno(DMA_MAP, &dma_map(0x8_0000, 0x1000, 0), &[], libc::EEXIST);
+    // More descriptors than allowed: 20 (over max_msg_fds) and 100 (over what a read takes).
+    for n in [20usize, 100] {
+        let fds = vec![ram.as_raw_fd(); n];
+        p.expect_errno(DMA_MAP, &dma_map(2 << 30, 0x1000, 0), &fds, libc::EINVAL);
+    }
+    // Descriptors on a command that takes none.
+    p.expect_errno(
+        REGION_READ,
+        &region_access(2, 0x500, 2),
+        &[ram.as_raw_fd()],
+        libc::EINVAL,
+    );
+    // Unmap: the dirty-bitmap flag is not supported; unmap-all needs address and size 0.
+    p.expect_errno(DMA_UNMAP, &dma_unmap(1, 0, 1 << 20), &[], libc::ENOTSUP);
+    p.expect_errno(DMA_UNMAP, &dma_unmap(2, 0, 1 << 20), &[], libc::EINVAL);
+    p.expect_errno(DMA_UNMAP, &dma_unmap(0, 0, 0x1000), &[], libc::EINVAL);
+    let r = p.call(DMA_UNMAP, &dma_unmap(0, 0, 1 << 20));
+    assert!(!r.is_error() && r.payload.len() == 24, "{r:?}");
+    let r = p.call(DMA_UNMAP, &dma_unmap(2, 0, 0));
+    assert!(!r.is_error(), "unmap-all");
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+fn irq_set(flags: u32, index: u32, start: u32, count: u32) -> Vec<u8> {
+    let mut m = 20u32.to_le_bytes().to_vec();
+    for v in [flags, index, start, count] {
+        m.extend_from_slice(&v.to_le_bytes());
+    }
+    m
+}
+
+const EVENTFD_TRIGGER: u32 = 4 | 32;
+const NONE_TRIGGER: u32 = 1 | 32;
+const BOOL_TRIGGER: u32 = 2 | 32;
+const ERR_IRQ: u32 = 3;
+
+#[test]
+fn irq_eventfds_are_assigned_fired_and_released() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    // DEVICE_GET_INFO and IRQ info as QEMU reads them.
+    let r = p.call(GET_INFO, &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let word = |i: usize| u32::from_le_bytes(r.payload[i * 4..i * 4 + 4].try_into().unwrap());
+    assert_eq!(
+        (word(1) & 3, word(2), word(3)),
+        (3, 9, 5),
+        "PCI|RESET, 9 regions, 5 IRQ indexes"
+    );
+    for (index, count) in [(0u32, 0u32), (1, 0), (2, 0), (3, 1), (4, 1)] {
+        let mut q = 16u32.to_le_bytes().to_vec();
+        q.extend_from_slice(&[0; 4]);
+        q.extend_from_slice(&index.to_le_bytes());
+        q.extend_from_slice(&[0; 4]);
+        let r = p.call(GET_IRQ_INFO, &q);
+        assert_eq!(
+            u32::from_le_bytes(r.payload[12..16].try_into().unwrap()),
+            count,
+            "index {index}"
+        );
+    }
+
+    let efd = eventfd();
+    // Assign with argsz 20 and the eventfd as SCM_RIGHTS, as QEMU does.
+    let r = p.call_fds(
+        SET_IRQS,
+        &irq_set(EVENTFD_TRIGGER, ERR_IRQ, 0, 1),
+        &[efd.as_raw_fd()],
+    );
+    assert!(!r.is_error(), "{r:?}");
+    // Loopback trigger: the eventfd fires.
+    assert!(!p
+        .call(SET_IRQS, &irq_set(NONE_TRIGGER, ERR_IRQ, 0, 1))
+        .is_error());
+    wait_until(Duration::from_secs(5), "the eventfd", || {
+        eventfd_take(&efd) == 1
+    });
+    let mut b = irq_set(BOOL_TRIGGER, ERR_IRQ, 0, 1);
+    b.push(1);
+    assert!(!p.call(SET_IRQS, &b).is_error());
+    wait_until(Duration::from_secs(5), "the eventfd", || {
+        eventfd_take(&efd) == 1
+    });
+    // A chunk without descriptors de-assigns: triggering then fires nothing.
+    assert!(!p
+        .call(SET_IRQS, &irq_set(EVENTFD_TRIGGER, ERR_IRQ, 0, 1))
+        .is_error());
+    assert!(!p
+        .call(SET_IRQS, &irq_set(NONE_TRIGGER, ERR_IRQ, 0, 1))
+        .is_error());
+    assert_eq!(eventfd_take(&efd), 0);
+    // Count 0 with DATA_NONE disables the index.
+    assert!(!p
+        .call(SET_IRQS, &irq_set(NONE_TRIGGER, ERR_IRQ, 0, 0))
+        .is_error());
+
+    let einval = libc::EINVAL;
+    p.expect_errno(
+        SET_IRQS,
+        &irq_set(EVENTFD_TRIGGER, 9, 0, 1),
+        &[efd.as_raw_fd()],
+        einval,
+    );
+    p.expect_errno(
+        SET_IRQS,
+        &irq_set(EVENTFD_TRIGGER | 1, ERR_IRQ, 0, 1),
+        &[efd.as_raw_fd()],
+        einval,
+    );
+    p.expect_errno(
+        SET_IRQS,
+        &irq_set(4 | 8, ERR_IRQ, 0, 1),
+        &[efd.as_raw_fd()],
+        einval,
+    );
+    p.expect_errno(
+        SET_IRQS,
+        &irq_set(EVENTFD_TRIGGER, ERR_IRQ, 0, 2),
+        &[efd.as_raw_fd()],
+        einval,
+    );
+    p.expect_errno(
+        SET_IRQS,
+        &irq_set(EVENTFD_TRIGGER, ERR_IRQ, u32::MAX, 2),
+        &[],
+        einval,
+    );
+    p.expect_errno(
+        SET_IRQS,
+        &irq_set(EVENTFD_TRIGGER, 2, 0, 1),
+        &[efd.as_raw_fd()],
+        einval,
+    );
+    p.expect_errno(
+        SET_IRQS,
+        &irq_set(NONE_TRIGGER, ERR_IRQ, 0, 1),
+        &[efd.as_raw_fd()],
+        einval,
+    );
+    // Not an eventfd.
+    let file = vgpu_emu::memfd::memfd("not-an-eventfd", 8).unwrap();
+    p.expect_errno(
+        SET_IRQS,
+        &irq_set(EVENTFD_TRIGGER, ERR_IRQ, 0, 1),
+        &[file.as_raw_fd()],
+        einval,
+    );
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+#[test]
+fn one_client_at_a_time() {
+    let mut served = Served::start("EMU-16M");
+    let mut first = Peer::negotiated(&served.socket);
+    // A second client waits out the grace period, then is refused; the first is undisturbed.
+    let mut second = Peer::connect(&served.socket);
+    assert!(second.closed_by_server(), "a second client is refused");
+    assert_eq!(first.dispi(0), 0xb0c5, "the first is undisturbed");
+    assert_eq!(served.status()["server"]["refused_connections"], 1);
+    // A client that connects just before the attached one leaves is served once it has left
+    // (a reconnect racing its own disconnect).
+    let mut third = Peer::connect(&served.socket);
+    drop(first);
+    let mut json = QEMU_CAPS.as_bytes().to_vec();
+    json.push(0);
+    let r = third.call(VERSION, &version_payload(&json));
+    assert!(!r.is_error(), "{r:?}");
+    assert_eq!(third.dispi(0), 0xb0c5);
+    assert_eq!(served.status()["server"]["refused_connections"], 1);
+    drop(third);
+    fresh_client_works(&mut served);
+}
+
+#[test]
+fn no_descriptor_leaks_over_1000_connections() {
+    let mut served = Served::start("EMU-16M");
+    // Settle: one full cycle first (lazy allocations, the control socket used by status).
+    fresh_client_works(&mut served);
+    wait_until(Duration::from_secs(5), "the first disconnect", || {
+        served.status()["client_connected"] == false
+    });
+    let baseline = served.fd_count();
+    let ram = vgpu_emu::memfd::memfd("guest-ram", 1 << 16).unwrap();
+    let efd = eventfd();
+    for i in 0..1000u32 {
+        let mut p = Peer::negotiated(&served.socket);
+        match i % 4 {
+            // Leave a DMA map with an fd and an IRQ eventfd behind at disconnect.
+            0 => {
+                assert!(!p
+                    .call_fds(DMA_MAP, &dma_map(0, 1 << 16, 0), &[ram.as_raw_fd()])
+                    .is_error());
+                assert!(!p
+                    .call_fds(
+                        SET_IRQS,
+                        &irq_set(EVENTFD_TRIGGER, ERR_IRQ, 0, 1),
+                        &[efd.as_raw_fd()]
+                    )
+                    .is_error());
+            }
+            // Region info hands out the VRAM fd.
+            1 => {
+                let mut q = 64u32.to_le_bytes().to_vec();
+                q.extend_from_slice(&[0; 28]);
+                let r = p.call(GET_REGION_INFO, &q);
+                assert!(!r.is_error());
+            }
+            // Descriptors sent with a failing message.
+            2 => p.expect_errno(
+                REGION_READ,
+                &region_access(2, 0x500, 2),
+                &[ram.as_raw_fd()],
+                libc::EINVAL,
+            ),
+            _ => {}
+        }
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "descriptors back to the baseline",
+        || served.fd_count() == baseline,
+    );
+    // The settling client plus the 1000.
+    assert_eq!(
+        served.status()["server"]["connections"].as_u64().unwrap(),
+        1001
+    );
+    served.assert_alive();
+}
