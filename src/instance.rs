@@ -87,16 +87,18 @@ impl Instance {
                 source,
             })?;
         let device = Device::new(ty, uuid.as_bytes(), Box::new(vram))?;
-        Ok((
-            Instance {
-                device,
-                uuid,
-                socket,
-                client_since: None,
-                counters: ServerCounters::default(),
-            },
-            file,
-        ))
+        Ok((Instance::from_device(device, uuid, socket), file))
+    }
+
+    /// An instance around an existing device (tests and fuzzing; VRAM of any backing).
+    pub fn from_device(device: Device, uuid: Uuid, socket: PathBuf) -> Self {
+        Instance {
+            device,
+            uuid,
+            socket,
+            client_since: None,
+            counters: ServerCounters::default(),
+        }
     }
 
     /// What `vgpu-emu status` shows.

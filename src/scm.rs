@@ -25,7 +25,8 @@ pub struct Received {
 #[repr(C, align(8))]
 struct CmsgBuf([u8; CMSG_BUF_LEN]);
 
-/// Receives into `buf` with `MSG_CMSG_CLOEXEC`, collecting any descriptors.
+/// Receives into `buf` with `MSG_CMSG_CLOEXEC`, collecting any descriptors. Blocks or not as the
+/// socket does.
 pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
     let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
     let mut iov = libc::iovec {
@@ -40,7 +41,7 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
     msg.msg_controllen = CMSG_BUF_LEN;
     // SAFETY: `msg` points at `iov` (describing `buf`, valid for writes of `buf.len()` bytes)
     // and at `cmsg` (valid for CMSG_BUF_LEN bytes); both outlive the call.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -77,8 +78,9 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
     Ok(out)
 }
 
-/// Sends `buf` with `fds` attached (none: a plain send). Returns the bytes sent; descriptors go
-/// with the first byte, so a caller resending a tail must not resend them.
+/// Sends `buf` with `fds` attached (none: a plain send). Blocks or not as the socket does.
+/// Returns the bytes sent; descriptors go with the first byte, so a caller resending a tail must
+/// not resend them.
 pub fn send_with_fds(fd: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
     let mut iov = libc::iovec {
@@ -115,7 +117,7 @@ pub fn send_with_fds(fd: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> 
         }
     }
     // SAFETY: `msg` describes `buf` (valid for reads) and `cmsg`, both alive for the call.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -131,6 +133,7 @@ mod tests {
     #[test]
     fn fds_cross_a_socket_pair() {
         let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
         let f = crate::memfd::memfd("x", 4096).unwrap();
         assert_eq!(
             send_with_fds(a.as_raw_fd(), b"hello", &[f.as_raw_fd(), f.as_raw_fd()]).unwrap(),

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::catalog::VgpuType;
 use crate::device::Device;
-use crate::vram::Vram;
+use crate::vram::NullVram;
 
 /// Version of the canonical encoding. Bumping it changes every fingerprint.
 const ENCODING: &str = "vgpu-emu-abi/1";
@@ -43,20 +43,6 @@ impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }
-}
-
-/// VRAM that reports a size but holds nothing: the fingerprint needs no framebuffer memory.
-#[derive(Debug)]
-struct NoVram(u64);
-
-impl Vram for NoVram {
-    fn size(&self) -> u64 {
-        self.0
-    }
-    fn read(&self, _offset: u64, dst: &mut [u8]) {
-        dst.fill(0);
-    }
-    fn write(&mut self, _offset: u64, _src: &[u8]) {}
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -106,7 +92,7 @@ pub fn canonical_encoding(ty: &VgpuType) -> String {
     line("max_resolution", ty.max_resolution.to_string());
     line("default_resolution", ty.default_resolution.to_string());
     line("frl", ty.frl.to_string());
-    if let Ok(mut dev) = Device::new(ty, &[0; 16], Box::new(NoVram(ty.framebuffer))) {
+    if let Ok(mut dev) = Device::new(ty, &[0; 16], Box::new(NullVram(ty.framebuffer))) {
         line("config", hex(dev.config().reset_image()));
         line("edid", hex(dev.edid()));
         line("registers", hex(&dev.register_image()));

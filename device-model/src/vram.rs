@@ -39,6 +39,21 @@ impl fmt::Debug for VecVram {
     }
 }
 
+/// VRAM that has a size but holds nothing: reads return zeros, writes are dropped. For the ABI
+/// fingerprint (which needs the device, not its pixels) and for fuzzing (no per-run allocation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NullVram(pub u64);
+
+impl Vram for NullVram {
+    fn size(&self) -> u64 {
+        self.0
+    }
+    fn read(&self, _offset: u64, dst: &mut [u8]) {
+        dst.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _src: &[u8]) {}
+}
+
 /// The in-bounds part of `[offset, offset + len)` within `size`, as a `usize` range.
 pub fn clamp_range(size: u64, offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
     let start = usize::try_from(offset).ok()?;
@@ -55,11 +70,15 @@ impl Vram for VecVram {
     }
 
     fn read(&self, offset: u64, dst: &mut [u8]) {
-        dst.fill(0);
-        if let Some(r) = clamp_range(self.size(), offset, dst.len()) {
-            let n = r.len();
-            dst[..n].copy_from_slice(&self.0[r]);
-        }
+        let n = match clamp_range(self.size(), offset, dst.len()) {
+            Some(r) => {
+                let n = r.len();
+                dst[..n].copy_from_slice(&self.0[r]);
+                n
+            }
+            None => 0,
+        };
+        dst[n..].fill(0);
     }
 
     fn write(&mut self, offset: u64, src: &[u8]) {
