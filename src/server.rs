@@ -1086,7 +1086,10 @@ fn region_info(
             argsz: U32::new(needed as u32),
             flags: U32::new(fl),
             index: req.index,
-            cap_offset: U32::new(if cap_len > 0 && room {
+            // Where the capability is (or will be, when asked with room): QEMU's vfio-user client
+            // rejects a reply flagged CAPS whose cap_offset is not within [32, argsz], even one
+            // too short to carry it (the kernel would send 0 there).
+            cap_offset: U32::new(if cap_len > 0 {
                 size_of::<p::RegionInfo>() as u32
             } else {
                 0

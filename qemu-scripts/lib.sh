@@ -1,0 +1,89 @@
+# Shared helpers of the qemu-scripts: a private apt for a newer Debian suite, and unpacking.
+# Sourced, not run. Nothing here touches the system's apt or dpkg state.
+#
+# VGPU_EMU_CACHE   cache directory (default: ${XDG_CACHE_HOME:-$HOME/.cache}/vgpu-emu); holds
+#                  downloads and unpacked trees, outside the repository
+# VGPU_EMU_SUITE   Debian suite to take QEMU and the guest from (default: trixie)
+
+set -euo pipefail
+
+CACHE="${VGPU_EMU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vgpu-emu}"
+SUITE="${VGPU_EMU_SUITE:-trixie}"
+APTDIR="$CACHE/apt-$SUITE"
+
+log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# The Debian archive this machine already uses (its apt sources), so no host name is written
+# anywhere in the project.
+archive_url() {
+    local url=""
+    if [ -n "${VGPU_EMU_DEBIAN_MIRROR:-}" ]; then
+        echo "$VGPU_EMU_DEBIAN_MIRROR"; return
+    fi
+    # deb822 sources: the first URIs of a stanza whose Suites are not -security.
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        url=$(awk '
+            /^[[:space:]]*$/ { if (uri != "" && suites !~ /security/ && suites ~ /[a-z]/) { print uri; exit } uri=""; suites=""; next }
+            /^URIs:/ { uri=$2 }
+            /^Suites:/ { $1=""; suites=$0 }
+            END { if (uri != "" && suites !~ /security/) print uri }' "$f" | grep -E '/debian/?$' | head -n1 || true)
+        [ -n "$url" ] && break
+    done
+    if [ -z "$url" ] && [ -r /etc/apt/sources.list ]; then
+        url=$(awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/) { print $i; exit } }' /etc/apt/sources.list | head -n1)
+    fi
+    [ -n "$url" ] || die "no Debian archive found in /etc/apt/sources.list{,.d}; set VGPU_EMU_DEBIAN_MIRROR"
+    echo "${url%/}"
+}
+
+APT_OPTS=()
+# Sets up the private apt for $SUITE (+ backports) and refreshes its lists once a day.
+private_apt() {
+    local url keyring
+    url=$(archive_url)
+    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    [ -r "$keyring" ] || die "$keyring is missing (package debian-archive-keyring)"
+    mkdir -p "$APTDIR"/{lists/partial,archives/partial,cache,etc/sources.list.d,etc/preferences.d,etc/apt.conf.d}
+    [ -e "$APTDIR/status" ] || : > "$APTDIR/status"
+    cat > "$APTDIR/etc/sources.list" <<SOURCES
+deb [signed-by=$keyring] $url $SUITE main
+deb [signed-by=$keyring] $url $SUITE-backports main
+SOURCES
+    APT_OPTS=(
+        -o "Dir::Etc::SourceList=$APTDIR/etc/sources.list"
+        -o "Dir::Etc::SourceParts=$APTDIR/etc/sources.list.d"
+        -o "Dir::Etc::Preferences=$APTDIR/etc/preferences"
+        -o "Dir::Etc::PreferencesParts=$APTDIR/etc/preferences.d"
+        -o "Dir::State=$APTDIR"
+        -o "Dir::State::Lists=$APTDIR/lists"
+        -o "Dir::State::status=$APTDIR/status"
+        -o "Dir::Cache=$APTDIR/cache"
+        -o "Dir::Cache::Archives=$APTDIR/archives"
+        -o "APT::Architecture=amd64"
+        -o "APT::Install-Recommends=false"
+        -o "Debug::NoLocking=true"
+        -o "quiet=1"
+    )
+    if [ -z "$(find "$APTDIR/lists" -maxdepth 1 -name '*Packages*' -mtime -1 2>/dev/null | head -n1)" ]; then
+        log "refreshing package lists of $SUITE and $SUITE-backports"
+        apt-get "${APT_OPTS[@]}" update >&2 || die "apt-get update of $SUITE failed"
+    fi
+}
+
+# Downloads PACKAGES... with their whole dependency closure (as if installed on an empty system)
+# into the private archive cache; prints the .deb paths.
+fetch_closure() {
+    apt-get "${APT_OPTS[@]}" -y --download-only install "$@" >&2 || die "cannot download $*"
+}
+
+# Downloads exactly PACKAGES (no dependencies) into the private archive cache.
+fetch_only() {
+    (cd "$APTDIR/archives" && apt-get "${APT_OPTS[@]}" download "$@" >&2) || die "cannot download $*"
+}
+
+# The version apt would pick of PACKAGE.
+candidate() {
+    apt-cache "${APT_OPTS[@]}" policy "$1" | awk '/Candidate:/ { print $2 }'
+}
