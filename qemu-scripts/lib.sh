@@ -64,23 +64,26 @@ SOURCES
         -o "APT::Architecture=amd64"
         -o "APT::Install-Recommends=false"
         -o "Debug::NoLocking=true"
+        -o "APT::Sandbox::User=root"
         -o "quiet=1"
     )
     if [ -z "$(find "$APTDIR/lists" -maxdepth 1 -name '*Packages*' -mtime -1 2>/dev/null | head -n1)" ]; then
         log "refreshing package lists of $SUITE and $SUITE-backports"
-        apt-get "${APT_OPTS[@]}" update >&2 || die "apt-get update of $SUITE failed"
+        apt-get "${APT_OPTS[@]}" update > "$APTDIR/update.log" 2>&1 || { cat "$APTDIR/update.log" >&2; die "apt-get update of $SUITE failed"; }
     fi
 }
 
 # Downloads PACKAGES... with their whole dependency closure (as if installed on an empty system)
 # into the private archive cache; prints the .deb paths.
 fetch_closure() {
-    apt-get "${APT_OPTS[@]}" -y --download-only install "$@" >&2 || die "cannot download $*"
+    apt-get "${APT_OPTS[@]}" -y --download-only install "$@" > "$APTDIR/fetch.log" 2>&1 \
+        || { cat "$APTDIR/fetch.log" >&2; die "cannot download $*"; }
 }
 
 # Downloads exactly PACKAGES (no dependencies) into the private archive cache.
 fetch_only() {
-    (cd "$APTDIR/archives" && apt-get "${APT_OPTS[@]}" download "$@" >&2) || die "cannot download $*"
+    (cd "$APTDIR/archives" && apt-get "${APT_OPTS[@]}" download "$@" > "$APTDIR/fetch.log" 2>&1) \
+        || { cat "$APTDIR/fetch.log" >&2; die "cannot download $*"; }
 }
 
 # The version apt would pick of PACKAGE.

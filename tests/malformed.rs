@@ -488,3 +488,41 @@ fn no_descriptor_leaks_over_1000_connections() {
     );
     served.assert_alive();
 }
+
+/// QEMU asks for region info with argsz 32 first. The reply announces the size needed for the
+/// capabilities, and its cap_offset must already be valid (QEMU 11 refuses the device
+/// otherwise: "failed to get region 0 info: Invalid argument").
+#[test]
+fn region_info_answers_a_short_request_as_qemu_expects() {
+    let mut served = Served::start("EMU-64M");
+    let mut p = Peer::negotiated(&served.socket);
+    let request = |argsz: u32| {
+        let mut q = argsz.to_le_bytes().to_vec();
+        q.extend_from_slice(&[0; 28]);
+        q
+    };
+    let word =
+        |r: &Reply, i: usize| u32::from_le_bytes(r.payload[i * 4..i * 4 + 4].try_into().unwrap());
+    let short = p.call(GET_REGION_INFO, &request(32));
+    assert!(!short.is_error() && short.payload.len() == 32, "{short:?}");
+    let caps_flag = vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_CAPS;
+    assert_eq!(
+        word(&short, 0),
+        64,
+        "argsz needed: info + sparse cap with one area"
+    );
+    assert_ne!(word(&short, 1) & caps_flag, 0);
+    assert_eq!(word(&short, 3), 32, "cap_offset within [32, argsz]");
+    let full = p.call(GET_REGION_INFO, &request(64));
+    assert_eq!(full.payload.len(), 64);
+    assert_eq!((word(&full, 0), word(&full, 3)), (64, 32));
+    // The sparse-mmap capability: id 1, version 1, one area covering the 64 MiB BAR.
+    assert_eq!(u16::from_le_bytes([full.payload[32], full.payload[33]]), 1);
+    assert_eq!(word(&full, 8 + 2), 1, "nr_areas");
+    assert_eq!(
+        u64::from_le_bytes(full.payload[56..64].try_into().unwrap()),
+        64 << 20
+    );
+    drop(p);
+    fresh_client_works(&mut served);
+}
