@@ -46,6 +46,9 @@ private_apt() {
     keyring=/usr/share/keyrings/debian-archive-keyring.gpg
     [ -r "$keyring" ] || die "$keyring is missing (package debian-archive-keyring)"
     mkdir -p "$APTDIR"/{lists/partial,archives/partial,cache,etc/sources.list.d,etc/preferences.d,etc/apt.conf.d}
+    # One user of the private apt at a time (parallel guest boots), held until the script ends.
+    exec 8>"$APTDIR/.lock"
+    flock 8
     [ -e "$APTDIR/status" ] || : > "$APTDIR/status"
     cat > "$APTDIR/etc/sources.list" <<SOURCES
 deb [signed-by=$keyring] $url $SUITE main
@@ -67,9 +70,12 @@ SOURCES
         -o "APT::Sandbox::User=root"
         -o "quiet=1"
     )
-    if [ -z "$(find "$APTDIR/lists" -maxdepth 1 -name '*Packages*' -mtime -1 2>/dev/null | head -n1)" ]; then
+    # Refresh once a day. (apt gives list files the archive's timestamps, so their own mtime
+    # says nothing about when they were fetched: keep a stamp of our own.)
+    if [ -z "$(find "$APTDIR/.updated" -mtime -1 2>/dev/null)" ]; then
         log "refreshing package lists of $SUITE and $SUITE-backports"
         apt-get "${APT_OPTS[@]}" update > "$APTDIR/update.log" 2>&1 || { cat "$APTDIR/update.log" >&2; die "apt-get update of $SUITE failed"; }
+        touch "$APTDIR/.updated"
     fi
 }
 

@@ -709,13 +709,27 @@ impl Catalog {
                 format!("{default_resolution} is above max_resolution {max_resolution}"),
             ));
         }
-        let needed = max_resolution.bytes_at_32bpp() * u64::from(num_heads);
+        // Linux bochs-drm (drm_vram_helper) accepts a mode only when two frames of it fit in
+        // VRAM (double buffering); a bochs type must leave room for that at max resolution.
+        let frames = if personality == Personality::Bochs {
+            2
+        } else {
+            1
+        };
+        let needed = max_resolution.bytes_at_32bpp() * u64::from(num_heads) * frames;
         if framebuffer < needed {
+            let why = if frames == 2 {
+                format!(
+                    "two frames at {max_resolution} and 32 bpp (bochs-drm double-buffers in VRAM)"
+                )
+            } else {
+                format!("{num_heads} head(s) at {max_resolution} and 32 bpp")
+            };
             return Err(err(
                 fb_span,
                 "framebuffer",
                 format!(
-                    "{}M is too small for {num_heads} head(s) at {max_resolution} and 32 bpp ({needed} bytes)",
+                    "{}M is too small for {why}: {needed} bytes",
                     framebuffer >> 20
                 ),
             ));
@@ -968,7 +982,7 @@ personality = "bochs"
 pci = { vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x1001, class = 0x038000, revision = 2 }
 framebuffer = "16M"
 num_heads = 1
-max_resolution = "1920x1200"
+max_resolution = "1920x1080"
 default_resolution = "800x600"
 frl = 60
 max_instances = 64
@@ -981,7 +995,7 @@ personality = "bochs"
 pci = { vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x1001, class = 0x038000, revision = 2 }
 framebuffer = "16M"
 num_heads = 1
-max_resolution = "1920x1200"
+max_resolution = "1920x1080"
 default_resolution = "640x480"
 frl = 60
 max_instances = 64
@@ -1090,6 +1104,12 @@ max_instances = 4
                 "framebuffer = \"4M\"",
                 "framebuffer",
                 "too small",
+            ),
+            (
+                "framebuffer",
+                "framebuffer = \"8M\"",
+                "framebuffer",
+                "two frames",
             ),
             (
                 "framebuffer",

@@ -1,0 +1,512 @@
+//! Guest tier: QEMU (10.1+, provisioned by qemu-scripts) boots a stock Debian Linux guest whose
+//! stock `bochs` DRM driver drives a vgpu-emu instance over vfio-user. The guest's /init
+//! (qemu-scripts/guest-init) reports on the serial console; the host asserts on that and on
+//! screenshots taken from the instance. Every wait is on a line or a condition, never a sleep.
+//!
+//! These tests boot real guests (about 6 s each under TCG here) and need QEMU and a guest image
+//! that qemu-scripts download once into the cache; they are `#[ignore]`d so `cargo test` stays
+//! quick, and the README's full test command (`cargo test --workspace -- --include-ignored`,
+//! which .ci/run runs) includes them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vgpu_model::catalog::{Catalog, Resolution};
+use vgpu_model::pci::VendorCapability;
+
+const GUEST: &str = "boots a Linux guest under QEMU; run by the README's full test command";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu-scripts")
+}
+
+/// Provisions QEMU and the guest image once per test process (minutes the first time on a
+/// machine, then cached outside the repository).
+fn provisioned() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        for script in ["provision-qemu", "build-guest"] {
+            let out = Command::new(scripts().join(script))
+                .output()
+                .expect("run qemu-scripts");
+            assert!(
+                out.status.success(),
+                "qemu-scripts/{script} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    });
+}
+
+/// A booted guest: its QEMU process and the lines of its serial console.
+struct Guest {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    /// Every console line so far, for diagnostics and queries.
+    log: Arc<Mutex<Vec<String>>>,
+    /// The "VGPU:" lines of the current boot.
+    report: Vec<String>,
+}
+
+impl Guest {
+    fn boot(args: &[&str]) -> Guest {
+        provisioned();
+        let mut child = Command::new(scripts().join("run-guest"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start run-guest");
+        let (tx, lines) = channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let (tx, log) = (tx.clone(), log.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                    let line = String::from_utf8_lossy(&line)
+                        .trim_end_matches('\r')
+                        .to_string();
+                    log.lock().unwrap().push(line.clone());
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        let mut g = Guest {
+            child,
+            stdin,
+            lines,
+            log,
+            report: Vec::new(),
+        };
+        g.expect("ready");
+        g
+    }
+
+    fn console(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the line `VGPU: <what>...`; keeps every VGPU line of the boot.
+    fn expect(&mut self, what: &str) -> String {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let prefix = format!("VGPU: {what}");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(i) = line.find("VGPU: ") {
+                        let line = line[i..].to_string();
+                        if line.starts_with("VGPU: boot ") {
+                            self.report.clear();
+                        }
+                        self.report.push(line.clone());
+                        if line.starts_with(&prefix) {
+                            return line;
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no `{prefix}` within {BOOT_TIMEOUT:?}; console:\n{}",
+                        self.console()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "QEMU exited before `{prefix}`; console:\n{}",
+                        self.console()
+                    )
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").expect("guest console");
+    }
+
+    /// The report line starting with `VGPU: <key> `.
+    fn line(&self, key: &str) -> &str {
+        let prefix = format!("VGPU: {key} ");
+        self.report
+            .iter()
+            .find(|l| l.starts_with(&prefix))
+            .map(|l| &l[prefix.len()..])
+            .unwrap_or_else(|| panic!("no `{prefix}` line; console:\n{}", self.console()))
+    }
+
+    fn lines_of(&self, key: &str) -> Vec<&str> {
+        let prefix = format!("VGPU: {key} ");
+        self.report
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .collect()
+    }
+
+    fn poweroff(mut self) {
+        self.send("poweroff");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "QEMU exited with {status}; console:\n{}",
+                    self.console()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "QEMU did not power off; console:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fields(s: &str) -> HashMap<&str, &str> {
+    s.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect()
+}
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+fn resolution(s: &str) -> Resolution {
+    let (w, h) = s.split_once('x').unwrap();
+    let h = h.trim_end_matches(|c: char| !c.is_ascii_digit());
+    Resolution::new(w.parse().unwrap(), h.parse().unwrap())
+}
+
+/// Boots a guest on `ty` and checks enumeration and the driver against the type.
+fn enumerates_and_binds(ty_name: &str) {
+    let catalog = Catalog::builtin().unwrap();
+    let ty = catalog.resolve(ty_name).unwrap();
+    let served = Served::start(ty_name);
+    let guest = Guest::boot(&["--socket", served.socket.to_str().unwrap()]);
+
+    // 1. Enumeration.
+    let pci = fields(guest.line("pci"));
+    assert_eq!(pci["vendor"], "0x1234");
+    assert_eq!(pci["device"], "0x1111");
+    assert_eq!(
+        pci["subsystem_vendor"],
+        format!("{:#06x}", ty.pci.subsystem_vendor)
+    );
+    assert_eq!(
+        pci["subsystem_device"],
+        format!("{:#06x}", ty.pci.subsystem_device)
+    );
+    assert_eq!(pci["class"], "0x038000");
+    assert_eq!(pci["revision"], "0x02");
+    assert_eq!(pci["driver"], "bochs-drm");
+    let bars: HashMap<&str, HashMap<&str, &str>> = guest
+        .lines_of("bar")
+        .into_iter()
+        .map(|l| (l.split_whitespace().next().unwrap(), fields(l)))
+        .collect();
+    assert_eq!(
+        bars["0"]["size"],
+        ty.framebuffer.to_string(),
+        "BAR0 is the VRAM BAR"
+    );
+    assert_eq!(bars["2"]["size"], "4096", "BAR2 is the register BAR");
+    let config = hex_bytes(guest.line("config"));
+    assert_eq!(
+        VendorCapability::find(&config),
+        Some((ty.name.clone(), ty.version))
+    );
+
+    // 2. Driver: bochs binds with our EDID; the default resolution comes first, nothing above
+    // the maximum.
+    let dmesg = guest.lines_of("dmesg").join("\n");
+    assert!(dmesg.contains("Found bochs VGA, ID 0xb0c5"), "{dmesg}");
+    assert!(dmesg.contains("Found EDID data blob"), "{dmesg}");
+    let connector = fields(guest.line("connector"));
+    assert_eq!(connector["status"], "connected");
+    let modes: Vec<Resolution> = connector["modes"]
+        .split(',')
+        .filter(|m| !m.is_empty())
+        .map(resolution)
+        .collect();
+    assert_eq!(
+        modes[0], ty.default_resolution,
+        "preferred mode first: {modes:?}"
+    );
+    assert!(
+        modes.iter().all(|m| m.fits_within(ty.max_resolution)),
+        "{modes:?} above {}",
+        ty.max_resolution
+    );
+    assert!(modes.contains(&ty.max_resolution), "{modes:?}");
+    guest.poweroff();
+}
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn emu_16m_enumerates_and_binds_bochs() {
+    enumerates_and_binds("EMU-16M");
+}
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn emu_1g_with_a_64bit_bar_enumerates_and_binds_bochs() {
+    enumerates_and_binds("EMU-1G");
+}
+
+/// Reads a binary PPM (P6, maxval 255) as (width, height, RGB).
+fn read_ppm(path: &Path) -> (u32, u32, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut fields = Vec::new();
+    let mut i = 0;
+    while fields.len() < 4 {
+        while bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        fields.push(String::from_utf8_lossy(&bytes[start..i]).into_owned());
+    }
+    assert_eq!((fields[0].as_str(), fields[3].as_str()), ("P6", "255"));
+    let (w, h): (u32, u32) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+    (w, h, bytes[i + 1..].to_vec())
+}
+
+/// One HMP command over a monitor socket; returns once the next prompt arrives.
+fn hmp(socket: &Path, command: &str) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut prompt = |s: &mut UnixStream, buf: &mut Vec<u8>| {
+        while !String::from_utf8_lossy(buf).contains("(qemu) ") {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "monitor closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        buf.clear();
+    };
+    prompt(&mut s, &mut buf);
+    writeln!(s, "{command}").unwrap();
+    prompt(&mut s, &mut buf);
+}
+
+fn lit_pixels(rgb: &[u8]) -> usize {
+    rgb.chunks_exact(3)
+        .filter(|p| p.iter().any(|&c| c > 0x20))
+        .count()
+}
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn console_text_matches_qemus_own_bochs_display_pixel_for_pixel() {
+    // The oracle: the same guest on QEMU's in-process bochs-display, dumped by QEMU itself.
+    let dir = tempfile::tempdir().unwrap();
+    let monitor = dir.path().join("monitor.sock");
+    let monitor_arg = format!("unix:{},server=on,wait=off", monitor.display());
+    let mut oracle = Guest::boot(&[
+        "--bochs-display",
+        "--mode",
+        "1024x768",
+        "--",
+        "-monitor",
+        &monitor_arg,
+    ]);
+    oracle.send("draw");
+    oracle.expect("drawn");
+    let dump = dir.path().join("oracle.ppm");
+    let mut expected: Option<(u32, u32, Vec<u8>)> = None;
+    wait_until(
+        Duration::from_secs(60),
+        "QEMU's bochs-display to show the text",
+        || {
+            hmp(&monitor, &format!("screendump {}", dump.display()));
+            let now = read_ppm(&dump);
+            let stable = expected.as_ref() == Some(&now) && lit_pixels(&now.2) > 1000;
+            expected = Some(now);
+            stable
+        },
+    );
+    oracle.poweroff();
+    let (ew, eh, expected) = expected.unwrap();
+    assert_eq!((ew, eh), (1024, 768));
+
+    // The same guest on a vgpu-emu instance, captured by `vgpu-emu screenshot`.
+    let served = Served::start("EMU-64M");
+    let mut guest = Guest::boot(&[
+        "--socket",
+        served.socket.to_str().unwrap(),
+        "--mode",
+        "1024x768",
+    ]);
+    guest.send("draw");
+    guest.expect("drawn");
+    let mut last = None;
+    wait_until(
+        Duration::from_secs(60),
+        "the screenshot to equal QEMU's rendering",
+        || {
+            let shot = served.screenshot().ok();
+            let equal = shot
+                .as_ref()
+                .is_some_and(|(w, h, rgb)| (*w, *h) == (ew, eh) && *rgb == expected);
+            last = shot;
+            equal
+        },
+    );
+    let (_, _, rgb) = last.unwrap();
+    std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-console.png"),
+        vgpu_emu::display::encode_png(&vgpu_model::Frame {
+            width: ew,
+            height: eh,
+            format: vgpu_model::PixelFormat::Xrgb8888,
+            data: rgb
+                .chunks_exact(3)
+                .flat_map(|p| [p[2], p[1], p[0], 0])
+                .collect(),
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let status = served.status();
+    assert!(
+        status["heads"][0]["mode"]
+            .as_str()
+            .unwrap()
+            .starts_with("1024x768 XRGB8888"),
+        "{status}"
+    );
+    guest.poweroff();
+}
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn reboot_resets_the_device_and_the_console_lights_up_again() {
+    let served = Served::start("EMU-16M");
+    let mut guest = Guest::boot(&["--socket", served.socket.to_str().unwrap()]);
+    let resets_first_boot = served.status()["accesses"]["resets"].as_u64().unwrap();
+    assert!(resets_first_boot >= 1, "QEMU resets the device at VM start");
+    guest.send("reboot");
+    guest.expect("rebooting");
+    guest.expect("boot");
+    guest.expect("ready");
+    assert_eq!(fields(guest.line("pci"))["driver"], "bochs-drm");
+    assert_eq!(fields(guest.line("connector"))["status"], "connected");
+    assert!(
+        served.status()["accesses"]["resets"].as_u64().unwrap() > resets_first_boot,
+        "DEVICE_RESET on reboot"
+    );
+    guest.send("draw");
+    guest.expect("drawn");
+    wait_until(
+        Duration::from_secs(60),
+        "text on the console after the reboot",
+        || {
+            served
+                .screenshot()
+                .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
+        },
+    );
+    guest.poweroff();
+}
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn an_instance_survives_its_qemu_being_killed() {
+    let served = Served::start("EMU-16M");
+    let mut first = Guest::boot(&["--socket", served.socket.to_str().unwrap()]);
+    first.send("draw");
+    first.expect("drawn");
+    // SIGKILL: no orderly disconnect.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the instance to see the client gone",
+        || served.status()["client_connected"] == false,
+    );
+    let mut second = Guest::boot(&["--socket", served.socket.to_str().unwrap()]);
+    assert_eq!(fields(second.line("pci"))["driver"], "bochs-drm");
+    second.send("draw");
+    second.expect("drawn");
+    wait_until(
+        Duration::from_secs(60),
+        "text from the second guest",
+        || {
+            served
+                .screenshot()
+                .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
+        },
+    );
+    assert_eq!(served.status()["server"]["connections"], 2);
+    second.poweroff();
+}
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn two_guests_see_separate_vram() {
+    let (a, b) = (Served::start("EMU-16M"), Served::start("EMU-16M"));
+    let mut ga = Guest::boot(&["--socket", a.socket.to_str().unwrap()]);
+    let mut gb = Guest::boot(&["--socket", b.socket.to_str().unwrap()]);
+    ga.send("draw");
+    ga.expect("drawn");
+    wait_until(Duration::from_secs(60), "text in A", || {
+        a.screenshot()
+            .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
+    });
+    let (_, _, shot_b) = b.screenshot().expect("B displays its (empty) console");
+    assert_eq!(lit_pixels(&shot_b), 0, "B's VRAM holds none of A's text");
+    let (_, _, shot_a) = a.screenshot().unwrap();
+    gb.send("draw");
+    gb.expect("drawn");
+    wait_until(Duration::from_secs(60), "text in B", || {
+        b.screenshot()
+            .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
+    });
+    assert_eq!(
+        a.screenshot().unwrap().2,
+        shot_a,
+        "A is untouched by B's drawing"
+    );
+    ga.poweroff();
+    gb.poweroff();
+}
+
+#[test]
+fn guest_tests_are_gated_with_the_documented_reason() {
+    // The ignore reason names the command that runs these tests; keep them in sync.
+    assert!(GUEST.contains("README's full test command"));
+}
