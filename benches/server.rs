@@ -52,6 +52,21 @@ fn wait_for(path: &Path) {
     }
 }
 
+/// Starts `vgpu-emu serve --type TY --socket SOCK` and waits until it listens.
+fn serve(ty: &str, sock: &Path) -> Kill {
+    let server = Kill(
+        Command::new(BIN)
+            .args(["serve", "--type", ty, "--socket"])
+            .arg(sock)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&PathBuf::from(format!("{}.ctl", sock.display())));
+    server
+}
+
 struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -114,16 +129,7 @@ fn register_round_trip(dir: &Path) {
     let mut floor = UnixStream::connect(&echo_path).unwrap();
 
     let sock = dir.join("vgpu.sock");
-    let _server = Kill(
-        Command::new(BIN)
-            .args(["serve", "--type", "EMU-64M", "--socket"])
-            .arg(&sock)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&PathBuf::from(format!("{}.ctl", sock.display())));
+    let _server = serve("EMU-64M", &sock);
     let mut vgpu = UnixStream::connect(&sock).unwrap();
     let caps = b"{\"capabilities\":{\"max_msg_fds\":16,\"max_data_xfer_size\":1048576,\"pgsizes\":4096,\"migration\":{\"pgsize\":4096}}}\0";
     let mut v = vec![0, 0, 0, 0];
@@ -191,16 +197,7 @@ fn copy_rate(dst: *mut u8, src: &[u8]) -> (f64, f64) {
 
 fn vram_bandwidth(dir: &Path) {
     let sock = dir.join("bw.sock");
-    let _server = Kill(
-        Command::new(BIN)
-            .args(["serve", "--type", "EMU-256M", "--socket"])
-            .arg(&sock)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&PathBuf::from(format!("{}.ctl", sock.display())));
+    let _server = serve("EMU-256M", &sock);
     let client = vfio_user::Client::new(&sock).unwrap();
     let fd = client
         .region(0)
@@ -317,16 +314,7 @@ fn idle_memory(dir: &Path) {
         .max_by_key(|t| t.framebuffer)
         .unwrap();
     let sock = dir.join("rss.sock");
-    let server = Kill(
-        Command::new(BIN)
-            .args(["serve", "--type", &largest.key(), "--socket"])
-            .arg(&sock)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&PathBuf::from(format!("{}.ctl", sock.display())));
+    let server = serve(&largest.key(), &sock);
     let (idle, idle_shm) = rss_kib(server.0.id());
     let client = vfio_user::Client::new(&sock).unwrap();
     let (attached, attached_shm) = rss_kib(server.0.id());

@@ -78,11 +78,20 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
     Ok(out)
 }
 
-/// Sends `buf` with `fds` attached (none: a plain send). Blocks or not as the socket does.
-/// Returns the bytes sent; descriptors go with the first byte, so a caller resending a tail must
-/// not resend them.
+/// Sends `buf` with at most [`MAX_FDS`] descriptors attached (none: a plain send). Blocks or
+/// not as the socket does. Returns the bytes sent; descriptors go with the first byte, so a
+/// caller resending a tail must not resend them.
 pub fn send_with_fds(fd: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> {
-    let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::from_raw_os_error(libc::E2BIG));
+    }
+    send_fds_unlimited(fd, buf, fds)
+}
+
+/// [`send_with_fds`] without our limit (the kernel's SCM_MAX_FD still applies): for tests that
+/// send a peer more descriptors than it allows.
+#[doc(hidden)]
+pub fn send_fds_unlimited(fd: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr().cast_mut().cast(),
         iov_len: buf.len(),
@@ -91,24 +100,23 @@ pub fn send_with_fds(fd: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> 
     let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
+    let data_len = std::mem::size_of_val(fds);
+    // SAFETY: pure computations on a length.
+    let (space, len) = unsafe {
+        (
+            libc::CMSG_SPACE(data_len as u32),
+            libc::CMSG_LEN(data_len as u32),
+        )
+    };
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut cmsg = vec![0u64; (space as usize).div_ceil(8)];
     if !fds.is_empty() {
-        if fds.len() > MAX_FDS {
-            return Err(io::Error::from_raw_os_error(libc::E2BIG));
-        }
-        let data_len = std::mem::size_of_val(fds);
-        // SAFETY: pure computations on a small length.
-        let (space, len) = unsafe {
-            (
-                libc::CMSG_SPACE(data_len as u32),
-                libc::CMSG_LEN(data_len as u32),
-            )
-        };
-        msg.msg_control = cmsg.0.as_mut_ptr().cast();
+        msg.msg_control = cmsg.as_mut_ptr().cast();
         msg.msg_controllen = space as usize;
-        // SAFETY: msg_control points at `cmsg` with room for `space` <= CMSG_BUF_LEN bytes.
+        // SAFETY: msg_control points at `cmsg`, which has room for `space` bytes.
         let c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-        // SAFETY: `c` is the first header inside `cmsg` (non-null: controllen >= one header);
-        // the data area has room for `data_len` bytes by the CMSG_SPACE computation.
+        // SAFETY: `c` is the first header inside `cmsg` (non-null: controllen holds one header);
+        // its data area has room for `data_len` bytes by the CMSG_SPACE computation.
         unsafe {
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
@@ -159,31 +167,13 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let f = crate::memfd::memfd("x", 1).unwrap();
         let many = vec![f.as_raw_fd(); 100];
-        // Bypass our own send limit with a raw sendmsg of 60 descriptors.
-        let mut cmsg = vec![0u64; 64];
-        let data_len = 100 * 4;
-        let mut iov = libc::iovec {
-            iov_base: b"x".as_ptr().cast_mut().cast(),
-            iov_len: 1,
-        };
-        // SAFETY: test-only raw sendmsg; every pointer refers to live local buffers sized above.
-        unsafe {
-            let mut msg: libc::msghdr = MaybeUninit::zeroed().assume_init();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cmsg.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(data_len) as usize;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(data_len) as usize;
-            std::ptr::copy_nonoverlapping(
-                many.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(c),
-                data_len as usize,
-            );
-            assert_eq!(libc::sendmsg(a.as_raw_fd(), &msg, 0), 1);
-        }
+        assert_eq!(
+            send_with_fds(a.as_raw_fd(), b"x", &many)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::E2BIG)
+        );
+        assert_eq!(send_fds_unlimited(a.as_raw_fd(), b"x", &many).unwrap(), 1);
         let mut buf = [0u8; 4];
         let r = recv_with_fds(b.as_raw_fd(), &mut buf).unwrap();
         assert!(r.truncated);

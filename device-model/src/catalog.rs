@@ -907,8 +907,40 @@ impl Catalog {
     }
 }
 
+/// Type records in TOML for tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// A bochs type with the fields tests vary; `extra` lines are appended.
+    pub(crate) fn bochs_toml(
+        name: &str,
+        version: u32,
+        fb: &str,
+        max: &str,
+        default: &str,
+        frl: u32,
+        extra: &str,
+    ) -> String {
+        format!(
+            r#"[[type]]
+name = "{name}"
+version = {version}
+family = "emu"
+personality = "bochs"
+pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}
+framebuffer = "{fb}"
+num_heads = 1
+max_resolution = "{max}"
+default_resolution = "{default}"
+frl = {frl}
+max_instances = 4
+{extra}"#
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_support::bochs_toml;
     use super::*;
 
     fn builtin() -> Catalog {
@@ -973,35 +1005,18 @@ mod tests {
     #[test]
     fn bare_names_resolve_to_newest_non_deprecated() {
         let mut c = builtin();
-        let extra = r#"
-[[type]]
-name = "EMU-16M"
-version = 2
-family = "emu"
-personality = "bochs"
-pci = { vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x1001, class = 0x038000, revision = 2 }
-framebuffer = "16M"
-num_heads = 1
-max_resolution = "1920x1080"
-default_resolution = "800x600"
-frl = 60
-max_instances = 64
-
-[[type]]
-name = "EMU-16M"
-version = 3
-family = "emu"
-personality = "bochs"
-pci = { vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x1001, class = 0x038000, revision = 2 }
-framebuffer = "16M"
-num_heads = 1
-max_resolution = "1920x1080"
-default_resolution = "640x480"
-frl = 60
-max_instances = 64
-deprecated = true
-"#;
-        c.add_toml("extra.toml", extra).unwrap();
+        let extra = bochs_toml("EMU-16M", 2, "16M", "1920x1080", "800x600", 60, "")
+            + "\n"
+            + &bochs_toml(
+                "EMU-16M",
+                3,
+                "16M",
+                "1920x1080",
+                "640x480",
+                60,
+                "deprecated = true",
+            );
+        c.add_toml("extra.toml", &extra).unwrap();
         assert_eq!(c.resolve("EMU-16M").unwrap().version, 2);
         assert_eq!(c.resolve("emu-16m").unwrap().version, 2, "case-insensitive");
         assert_eq!(c.resolve("EMU-16M@1").unwrap().version, 1);
@@ -1033,23 +1048,13 @@ deprecated = true
         }
     }
 
-    const GOOD: &str = r#"[[type]]
-name = "T1"
-version = 1
-family = "emu"
-personality = "bochs"
-pci = { vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }
-framebuffer = "16M"
-num_heads = 1
-max_resolution = "1920x1080"
-default_resolution = "1280x720"
-frl = 30
-max_instances = 4
-"#;
+    fn good() -> String {
+        bochs_toml("T1", 1, "16M", "1920x1080", "1280x720", 30, "")
+    }
 
-    /// Replaces the line starting with `key =` in GOOD by `line`, and returns the error.
+    /// Replaces the line starting with `key =` in good() by `line`, and returns the error.
     fn error_with(key: &str, line: &str) -> CatalogError {
-        let text: String = GOOD
+        let text: String = good()
             .lines()
             .map(|l| {
                 if l.starts_with(&format!("{key} =")) {
@@ -1075,7 +1080,8 @@ max_instances = 4
     }
 
     fn line_of(key: &str) -> usize {
-        GOOD.lines()
+        good()
+            .lines()
             .position(|l| l.starts_with(&format!("{key} =")))
             .unwrap()
             + 1
@@ -1084,7 +1090,7 @@ max_instances = 4
     #[test]
     fn good_user_file_loads() {
         let mut c = builtin();
-        c.add_toml("user.toml", GOOD).unwrap();
+        c.add_toml("user.toml", &good()).unwrap();
         let t = c.resolve("T1").unwrap();
         assert_eq!(t.source, "user.toml");
         assert_eq!(t.frl, 30);
@@ -1189,7 +1195,7 @@ max_instances = 4
     #[test]
     fn duplicates_and_syntax_errors_are_located() {
         let mut c = builtin();
-        let dup = GOOD.replace("name = \"T1\"", "name = \"EMU-64M\"");
+        let dup = good().replace("name = \"T1\"", "name = \"EMU-64M\"");
         let e = c.add_toml("dup.toml", &dup).unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("name", 2));
         assert!(e.message.contains("duplicate type `EMU-64M@1`"), "{e}");
@@ -1198,7 +1204,7 @@ max_instances = 4
         let e = c.add_toml("broken.toml", "[[type]\nname = 1").unwrap_err();
         assert_eq!(e.line, 1, "{e}");
 
-        let missing = GOOD.replace("frl = 30\n", "");
+        let missing = good().replace("frl = 30\n", "");
         let e = c.add_toml("missing.toml", &missing).unwrap_err();
         assert_eq!(e.field, "frl", "{e}");
         assert!(e.message.contains("missing field"), "{e}");

@@ -37,11 +37,25 @@ const HEADER: [u8; 8] = [0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00];
 const MANUFACTURER: [u8; 3] = *b"VGE";
 const MODEL_YEAR: u8 = (2026 - 1990) as u8;
 
-/// Established timings: (byte, bit, width, height, refresh) for the 60 Hz ones we may offer.
-const ESTABLISHED: [(usize, u8, u32, u32, u32); 3] = [
-    (0x23, 5, 640, 480, 60),
-    (0x23, 0, 800, 600, 60),
-    (0x24, 3, 1024, 768, 60),
+/// Established timings I and II: (byte, bit, width, height, refresh, offered). We offer only
+/// the 60 Hz ones (when within max_resolution); the decoder reads them all.
+const ESTABLISHED: [(usize, u8, u32, u32, u32, bool); 16] = [
+    (0x23, 7, 720, 400, 70, false),
+    (0x23, 6, 720, 400, 88, false),
+    (0x23, 5, 640, 480, 60, true),
+    (0x23, 4, 640, 480, 67, false),
+    (0x23, 3, 640, 480, 72, false),
+    (0x23, 2, 640, 480, 75, false),
+    (0x23, 1, 800, 600, 56, false),
+    (0x23, 0, 800, 600, 60, true),
+    (0x24, 7, 800, 600, 72, false),
+    (0x24, 6, 800, 600, 75, false),
+    (0x24, 5, 832, 624, 75, false),
+    (0x24, 3, 1024, 768, 60, true),
+    (0x24, 2, 1024, 768, 70, false),
+    (0x24, 1, 1024, 768, 75, false),
+    (0x24, 0, 1280, 1024, 75, false),
+    (0x25, 7, 1152, 870, 75, false),
 ];
 
 /// Standard timing candidates at 60 Hz: (width, height, aspect code). Aspect codes (EDID 1.3+):
@@ -193,8 +207,8 @@ pub fn generate(ty: &VgpuType, uuid: &[u8; 16]) -> [u8; EDID_BLOCK] {
     e[24] = 0x06;
     e[25..35].copy_from_slice(&chromaticity());
 
-    for (byte, bit, w, h, _) in ESTABLISHED {
-        if Resolution::new(w, h).fits_within(max) {
+    for (byte, bit, w, h, _, offered) in ESTABLISHED {
+        if offered && Resolution::new(w, h).fits_within(max) {
             e[byte] |= 1 << bit;
         }
     }
@@ -332,32 +346,7 @@ pub fn decode_modes(edid: &[u8]) -> Result<Vec<Mode>, EdidError> {
             preferred: i == 0,
         });
     }
-    for (byte, bit, width, height, refresh) in ESTABLISHED {
-        if e[byte] & (1 << bit) != 0 {
-            modes.push(Mode {
-                width,
-                height,
-                refresh,
-                preferred: false,
-            });
-        }
-    }
-    // Established bits we never set still decode, so a foreign EDID is read faithfully.
-    for (byte, bit, width, height, refresh) in [
-        (0x23, 7, 720, 400, 70),
-        (0x23, 6, 720, 400, 88),
-        (0x23, 4, 640, 480, 67),
-        (0x23, 3, 640, 480, 72),
-        (0x23, 2, 640, 480, 75),
-        (0x23, 1, 800, 600, 56),
-        (0x24, 7, 800, 600, 72),
-        (0x24, 6, 800, 600, 75),
-        (0x24, 5, 832, 624, 75),
-        (0x24, 2, 1024, 768, 70),
-        (0x24, 1, 1024, 768, 75),
-        (0x24, 0, 1280, 1024, 75),
-        (0x25, 7, 1152, 870, 75),
-    ] {
+    for (byte, bit, width, height, refresh, _) in ESTABLISHED {
         if e[byte] & (1 << bit) != 0 {
             modes.push(Mode {
                 width,
@@ -482,20 +471,9 @@ mod tests {
     #[test]
     fn small_max_resolution_drops_larger_modes() {
         let mut c = Catalog::builtin().unwrap();
-        let t = r#"[[type]]
-name = "TINY"
-version = 1
-family = "emu"
-personality = "bochs"
-pci = { vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2002, class = 0x038000, revision = 2 }
-framebuffer = "4M"
-num_heads = 1
-max_resolution = "800x600"
-default_resolution = "800x600"
-frl = 0
-max_instances = 1
-"#;
-        c.add_toml("tiny.toml", t).unwrap();
+        let t =
+            crate::catalog::test_support::bochs_toml("TINY", 1, "4M", "800x600", "800x600", 0, "");
+        c.add_toml("tiny.toml", &t).unwrap();
         let ty = c.resolve("TINY").unwrap();
         let e = generate(ty, &UUID);
         let modes = decode_modes(&e).unwrap();

@@ -224,40 +224,8 @@ impl Peer {
 
     /// Sends `bytes` with `fds` in one sendmsg, with no limit on the count (to test limits).
     pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[RawFd]) {
-        if fds.is_empty() {
-            return self.send_raw(bytes);
-        }
-        let data_len = (fds.len() * 4) as u32;
-        let mut cmsg = vec![0u64; 1 + fds.len() / 2 + 4];
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr().cast_mut().cast(),
-            iov_len: bytes.len(),
-        };
-        // SAFETY: every pointer refers to live local buffers: `cmsg` has room for CMSG_SPACE of
-        // `fds.len()` descriptors, `iov` describes `bytes`.
-        let n = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cmsg.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(data_len) as usize;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(data_len) as usize;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(c),
-                data_len as usize,
-            );
-            libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
-        };
-        assert_eq!(
-            n,
-            bytes.len() as isize,
-            "sendmsg: {}",
-            std::io::Error::last_os_error()
-        );
+        let n = vgpu_emu::scm::send_fds_unlimited(self.stream.as_raw_fd(), bytes, fds).unwrap();
+        assert_eq!(n, bytes.len());
     }
 
     pub fn read_reply(&mut self) -> Reply {
