@@ -38,6 +38,8 @@ pub struct Instance {
     pub client_since: Option<SystemTime>,
     /// Protocol counters.
     pub counters: ServerCounters,
+    /// Runtime knob (not guest ABI): whether the frame-rate limiter applies to viewers.
+    pub frl_enabled: bool,
 }
 
 /// The instance as the server thread and the control thread share it.
@@ -98,6 +100,7 @@ impl Instance {
             socket,
             client_since: None,
             counters: ServerCounters::default(),
+            frl_enabled: true,
         }
     }
 
@@ -125,6 +128,8 @@ impl Instance {
             client_connected: self.client_since.is_some(),
             heads,
             blanked: self.device.blanked(),
+            frame_rate_limiter: self.frl_enabled,
+            frl: ty.frl,
             server: self.counters,
             accesses: self.device.counters(),
         }
@@ -158,6 +163,10 @@ pub struct Status {
     pub heads: Vec<HeadStatus>,
     /// The VGA attribute index says the display is blanked.
     pub blanked: bool,
+    /// The runtime frame-rate-limiter knob.
+    pub frame_rate_limiter: bool,
+    /// The type's frame-rate limit (fps, 0 = off).
+    pub frl: u32,
     /// Protocol counters.
     pub server: ServerCounters,
     /// Device access counters.

@@ -9,6 +9,7 @@ pub mod display;
 pub mod dma;
 pub mod error;
 pub mod instance;
+pub mod manager;
 pub mod memfd;
 pub mod protocol;
 pub mod ratelimit;

@@ -1,0 +1,556 @@
+//! Instance management: parents (simulated physical GPUs) with a VRAM pool, live capacity, and
+//! the instances a daemon serves.
+//!
+//! Capacity follows NVIDIA's placement rule: a parent hosts instances of one framebuffer size at
+//! a time. `available_instances` of a type on a parent is therefore 0 when the parent hosts an
+//! instance of another framebuffer size (or the type belongs to another family, or its
+//! personality is not served by this build); otherwise it is what the remaining VRAM allows,
+//! capped by the type's `max_instances` less the instances already there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{info, warn};
+use serde::Serialize;
+use uuid::Uuid;
+use vgpu_model::{Catalog, VgpuType};
+
+use crate::control::ControlServer;
+use crate::instance::{lock, Instance, SharedInstance};
+use crate::server::{Server, StopHandle};
+use crate::socket::{self, control_path, RemoveOnDrop};
+
+/// The `device_api` every type reports.
+pub const DEVICE_API: &str = "vfio-pci";
+
+/// A parent: one simulated physical GPU of a family.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ParentSpec {
+    /// Device name under `class/mdev_bus`.
+    pub name: String,
+    /// Type family it offers (and whose VRAM size it has).
+    pub family: String,
+}
+
+impl std::str::FromStr for ParentSpec {
+    type Err = String;
+    /// `NAME=FAMILY`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, family) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}` is not NAME=FAMILY (e.g. emu0=emu)"))?;
+        let ok = |v: &str| {
+            !v.is_empty()
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        };
+        if !ok(name) || !ok(family) {
+            return Err(format!("`{s}`: names take letters, digits and - _ . :"));
+        }
+        Ok(ParentSpec {
+            name: name.to_string(),
+            family: family.to_string(),
+        })
+    }
+}
+
+/// Why a management operation failed; each maps to the errno the kernel's mdev core returns.
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    /// Not a UUID.
+    #[error("`{0}` is not a UUID")]
+    BadUuid(String),
+    /// The UUID is taken.
+    #[error("instance {0} already exists")]
+    Exists(Uuid),
+    /// No such parent.
+    #[error("no parent `{0}`")]
+    NoParent(String),
+    /// No such type on that parent.
+    #[error("parent `{parent}` offers no type `{ty}`")]
+    NoType {
+        /// Parent.
+        parent: String,
+        /// Type asked for.
+        ty: String,
+    },
+    /// No capacity left for the type.
+    #[error("no available instances of {ty} on {parent}")]
+    NoCapacity {
+        /// Parent.
+        parent: String,
+        /// Type key.
+        ty: String,
+    },
+    /// No such instance.
+    #[error("no instance {0}")]
+    NoInstance(Uuid),
+    /// A bad attribute value.
+    #[error("invalid value for {attr}: {value}")]
+    BadAttr {
+        /// Attribute.
+        attr: String,
+        /// Value.
+        value: String,
+    },
+    /// The instance could not be started.
+    #[error("cannot start the instance: {0}")]
+    Start(String),
+}
+
+impl ManageError {
+    /// The errno a sysfs write reports for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ManageError::BadUuid(_) | ManageError::BadAttr { .. } => libc::EINVAL,
+            ManageError::Exists(_) => libc::EEXIST,
+            ManageError::NoParent(_) | ManageError::NoType { .. } | ManageError::NoInstance(_) => {
+                libc::ENODEV
+            }
+            // The mdev core's answer when a type has no available instances.
+            ManageError::NoCapacity { .. } => libc::EUSERS,
+            ManageError::Start(_) => libc::EIO,
+        }
+    }
+}
+
+/// A running instance.
+#[derive(Debug)]
+struct Managed {
+    parent: String,
+    ty: VgpuType,
+    shared: SharedInstance,
+    stop: StopHandle,
+    server: Option<JoinHandle<()>>,
+    control: Option<ControlServer>,
+    _socket_guards: [RemoveOnDrop; 2],
+}
+
+impl Managed {
+    fn shutdown(mut self) {
+        self.stop.stop();
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+        if let Some(c) = self.control.take() {
+            c.stop();
+        }
+        // The guards remove both sockets.
+    }
+}
+
+/// One row of `vgpu-emu list`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct InstanceInfo {
+    /// UUID.
+    pub uuid: String,
+    /// Parent.
+    pub parent: String,
+    /// Type directory (mdev type name).
+    pub mdev_type: String,
+    /// `name@version`.
+    #[serde(rename = "type")]
+    pub type_key: String,
+    /// vfio-user socket.
+    pub socket: String,
+    /// Frame-rate limiter on.
+    pub frame_rate_limiter: bool,
+    /// A client is attached.
+    pub client_connected: bool,
+}
+
+/// All parents and instances of a daemon.
+#[derive(Debug)]
+pub struct Manager {
+    catalog: Catalog,
+    parents: Vec<ParentSpec>,
+    run_dir: PathBuf,
+    instances: BTreeMap<Uuid, Managed>,
+}
+
+/// The mdev type directory of a type version: `vgpu_emu-<name>-v<version>`, lower case.
+pub fn type_dir(ty: &VgpuType) -> String {
+    format!(
+        "vgpu_emu-{}-v{}",
+        ty.name.to_ascii_lowercase().replace(['-', '.'], "_"),
+        ty.version
+    )
+}
+
+impl Manager {
+    /// A manager whose instance sockets live in `run_dir`.
+    pub fn new(catalog: Catalog, parents: Vec<ParentSpec>, run_dir: &Path) -> Result<Self, String> {
+        for p in &parents {
+            if catalog.family(&p.family).is_none() {
+                let known: Vec<&str> = catalog.families().iter().map(|f| f.name.as_str()).collect();
+                return Err(format!(
+                    "parent {}: unknown family `{}` (known: {})",
+                    p.name,
+                    p.family,
+                    known.join(", ")
+                ));
+            }
+        }
+        let mut names: Vec<&str> = parents.iter().map(|p| p.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err("parent names must be unique".into());
+        }
+        Ok(Manager {
+            catalog,
+            parents,
+            run_dir: run_dir.to_path_buf(),
+            instances: BTreeMap::new(),
+        })
+    }
+
+    /// Parents.
+    pub fn parents(&self) -> &[ParentSpec] {
+        &self.parents
+    }
+
+    fn parent(&self, name: &str) -> Result<&ParentSpec, ManageError> {
+        self.parents
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| ManageError::NoParent(name.to_string()))
+    }
+
+    /// The type versions a parent offers, by type directory.
+    pub fn types_of(&self, parent: &str) -> Vec<(String, &VgpuType)> {
+        let Ok(p) = self.parent(parent) else {
+            return Vec::new();
+        };
+        self.catalog
+            .types()
+            .iter()
+            .filter(|t| t.family == p.family)
+            .map(|t| (type_dir(t), t))
+            .collect()
+    }
+
+    /// A type of a parent by its directory name.
+    pub fn type_by_dir(&self, parent: &str, dir: &str) -> Option<&VgpuType> {
+        self.types_of(parent)
+            .into_iter()
+            .find(|(d, _)| d == dir)
+            .map(|(_, t)| t)
+    }
+
+    /// Live `available_instances` of `ty` on `parent`.
+    pub fn available(&self, parent: &str, ty: &VgpuType) -> u32 {
+        let Ok(p) = self.parent(parent) else {
+            return 0;
+        };
+        let Some(family) = self.catalog.family(&p.family) else {
+            return 0;
+        };
+        if ty.family != p.family || !ty.personality.is_implemented() {
+            return 0;
+        }
+        let here: Vec<&Managed> = self
+            .instances
+            .values()
+            .filter(|m| m.parent == parent)
+            .collect();
+        if here.iter().any(|m| m.ty.framebuffer != ty.framebuffer) {
+            return 0;
+        }
+        let used: u64 = here.iter().map(|m| m.ty.framebuffer).sum();
+        let by_vram = (family.vram.saturating_sub(used) / ty.framebuffer.max(1))
+            .min(u64::from(u32::MAX)) as u32;
+        let by_count = ty.max_instances.saturating_sub(here.len() as u32);
+        by_vram.min(by_count)
+    }
+
+    /// The socket of an instance.
+    pub fn socket_path(&self, uuid: &Uuid) -> PathBuf {
+        self.run_dir.join(format!("{uuid}.sock"))
+    }
+
+    /// Creates and starts an instance; returns once its socket listens.
+    pub fn create(
+        &mut self,
+        parent: &str,
+        type_dir_name: &str,
+        uuid: &str,
+    ) -> Result<Uuid, ManageError> {
+        let uuid = Uuid::parse_str(uuid.trim())
+            .map_err(|_| ManageError::BadUuid(uuid.trim().to_string()))?;
+        self.parent(parent)?;
+        let ty = self
+            .type_by_dir(parent, type_dir_name)
+            .ok_or_else(|| ManageError::NoType {
+                parent: parent.to_string(),
+                ty: type_dir_name.to_string(),
+            })?
+            .clone();
+        if self.instances.contains_key(&uuid) {
+            return Err(ManageError::Exists(uuid));
+        }
+        if self.available(parent, &ty) == 0 {
+            return Err(ManageError::NoCapacity {
+                parent: parent.to_string(),
+                ty: ty.key(),
+            });
+        }
+        let socket = self.socket_path(&uuid);
+        let start = |e: &dyn std::fmt::Display| ManageError::Start(e.to_string());
+        let listener = socket::bind(&socket).map_err(|e| start(&e))?;
+        let guard = RemoveOnDrop(socket.clone());
+        let ctl = control_path(&socket);
+        let ctl_listener = socket::bind(&ctl).map_err(|e| start(&e))?;
+        let ctl_guard = RemoveOnDrop(ctl.clone());
+        let (instance, vram) = Instance::new(&ty, uuid, socket.clone()).map_err(|e| start(&e))?;
+        let shared = Arc::new(Mutex::new(instance));
+        let control =
+            ControlServer::spawn(ctl_listener, &ctl, shared.clone()).map_err(|e| start(&e))?;
+        let (mut server, stop) = match Server::new(listener, shared.clone(), vram) {
+            Ok(s) => s,
+            Err(e) => {
+                control.stop();
+                return Err(start(&e));
+            }
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("instance-{}", &uuid.to_string()[..8]))
+            .spawn(move || {
+                if let Err(e) = server.run() {
+                    warn!("instance server failed: {e}");
+                }
+            });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                control.stop();
+                return Err(start(&e));
+            }
+        };
+        info!(
+            "created {uuid} ({}) on {parent}, socket {}",
+            ty.key(),
+            socket.display()
+        );
+        self.instances.insert(
+            uuid,
+            Managed {
+                parent: parent.to_string(),
+                ty,
+                shared,
+                stop,
+                server: Some(thread),
+                control: Some(control),
+                _socket_guards: [guard, ctl_guard],
+            },
+        );
+        Ok(uuid)
+    }
+
+    /// Stops and removes an instance; its capacity returns to the parent.
+    pub fn remove(&mut self, uuid: &Uuid) -> Result<(), ManageError> {
+        let m = self
+            .instances
+            .remove(uuid)
+            .ok_or(ManageError::NoInstance(*uuid))?;
+        let (parent, key) = (m.parent.clone(), m.ty.key());
+        m.shutdown();
+        info!("removed {uuid} ({key}) from {parent}");
+        Ok(())
+    }
+
+    /// Stops every instance.
+    pub fn remove_all(&mut self) {
+        let all: Vec<Uuid> = self.instances.keys().copied().collect();
+        for u in all {
+            let _ = self.remove(&u);
+        }
+    }
+
+    /// Instance UUIDs on `parent` (all parents when `None`).
+    pub fn uuids(&self, parent: Option<&str>) -> Vec<Uuid> {
+        self.instances
+            .iter()
+            .filter(|(_, m)| parent.is_none_or(|p| m.parent == p))
+            .map(|(u, _)| *u)
+            .collect()
+    }
+
+    /// The parent and type directory of an instance.
+    pub fn placement(&self, uuid: &Uuid) -> Option<(String, String)> {
+        self.instances
+            .get(uuid)
+            .map(|m| (m.parent.clone(), type_dir(&m.ty)))
+    }
+
+    /// Reads a runtime attribute.
+    pub fn attr(&self, uuid: &Uuid, attr: &str) -> Option<String> {
+        let m = self.instances.get(uuid)?;
+        match attr {
+            "frame_rate_limiter" => Some(
+                if lock(&m.shared).frl_enabled {
+                    "1"
+                } else {
+                    "0"
+                }
+                .to_string(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Writes a runtime attribute (not guest ABI).
+    pub fn set_attr(&mut self, uuid: &Uuid, attr: &str, value: &str) -> Result<(), ManageError> {
+        let m = self
+            .instances
+            .get(uuid)
+            .ok_or(ManageError::NoInstance(*uuid))?;
+        let bad = || ManageError::BadAttr {
+            attr: attr.to_string(),
+            value: value.trim().to_string(),
+        };
+        match attr {
+            "frame_rate_limiter" => {
+                let on = match value.trim() {
+                    "1" => true,
+                    "0" => false,
+                    _ => return Err(bad()),
+                };
+                lock(&m.shared).frl_enabled = on;
+                info!("{uuid}: frame_rate_limiter={}", u8::from(on));
+                Ok(())
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// Runtime attributes every instance has.
+    pub const ATTRS: [&'static str; 1] = ["frame_rate_limiter"];
+
+    /// `vgpu-emu list`.
+    pub fn list(&self) -> Vec<InstanceInfo> {
+        self.instances
+            .iter()
+            .map(|(u, m)| {
+                let inst = lock(&m.shared);
+                InstanceInfo {
+                    uuid: u.to_string(),
+                    parent: m.parent.clone(),
+                    mdev_type: type_dir(&m.ty),
+                    type_key: m.ty.key(),
+                    socket: self.socket_path(u).display().to_string(),
+                    frame_rate_limiter: inst.frl_enabled,
+                    client_connected: inst.client_since.is_some(),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manager(dir: &Path) -> Manager {
+        let parents = vec!["emu0=emu".parse().unwrap(), "m60-0=m60".parse().unwrap()];
+        Manager::new(Catalog::builtin().unwrap(), parents, dir).unwrap()
+    }
+
+    fn avail(m: &Manager, parent: &str, name: &str) -> u32 {
+        let c = Catalog::builtin().unwrap();
+        m.available(parent, c.resolve(name).unwrap())
+    }
+
+    #[test]
+    fn capacity_follows_the_one_framebuffer_size_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = manager(dir.path());
+        assert_eq!(avail(&m, "emu0", "EMU-1G"), 4);
+        assert_eq!(avail(&m, "emu0", "EMU-64M"), 32);
+        assert_eq!(avail(&m, "emu0", "M60-2Q"), 0, "another family");
+        assert_eq!(
+            avail(&m, "m60-0", "M60-2Q"),
+            0,
+            "virtio-gpu is not served yet"
+        );
+        let a = m
+            .create(
+                "emu0",
+                "vgpu_emu-emu_1g-v1",
+                "11111111-1111-1111-1111-111111111111",
+            )
+            .unwrap();
+        assert_eq!(avail(&m, "emu0", "EMU-1G"), 3);
+        assert_eq!(
+            avail(&m, "emu0", "EMU-64M"),
+            0,
+            "one framebuffer size per parent"
+        );
+        for i in 2..=4 {
+            m.create(
+                "emu0",
+                "vgpu_emu-emu_1g-v1",
+                &format!("{i}1111111-1111-1111-1111-111111111111"),
+            )
+            .unwrap();
+        }
+        assert_eq!(avail(&m, "emu0", "EMU-1G"), 0);
+        let e = m
+            .create(
+                "emu0",
+                "vgpu_emu-emu_1g-v1",
+                "51111111-1111-1111-1111-111111111111",
+            )
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EUSERS);
+        let e = m
+            .create("emu0", "vgpu_emu-emu_1g-v1", &a.to_string())
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EEXIST);
+        let e = m
+            .create("emu0", "vgpu_emu-emu_1g-v1", "garbage")
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(m.socket_path(&a).exists());
+        m.remove(&a).unwrap();
+        assert!(
+            !m.socket_path(&a).exists(),
+            "the socket goes with the instance"
+        );
+        assert_eq!(avail(&m, "emu0", "EMU-1G"), 1, "capacity returns");
+        m.remove_all();
+        assert_eq!(avail(&m, "emu0", "EMU-64M"), 32);
+    }
+
+    #[test]
+    fn attributes_and_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = manager(dir.path());
+        let u = m
+            .create(
+                "emu0",
+                "vgpu_emu-emu_16m-v1",
+                "22222222-2222-2222-2222-222222222222",
+            )
+            .unwrap();
+        assert_eq!(m.attr(&u, "frame_rate_limiter").as_deref(), Some("1"));
+        m.set_attr(&u, "frame_rate_limiter", "0\n").unwrap();
+        assert_eq!(m.attr(&u, "frame_rate_limiter").as_deref(), Some("0"));
+        assert_eq!(
+            m.set_attr(&u, "frame_rate_limiter", "2")
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
+        assert_eq!(m.list()[0].mdev_type, "vgpu_emu-emu_16m-v1");
+        assert!("bad".parse::<ParentSpec>().is_err());
+        assert!(Manager::new(
+            Catalog::builtin().unwrap(),
+            vec!["x=nope".parse().unwrap()],
+            dir.path()
+        )
+        .is_err());
+        m.remove_all();
+    }
+}
