@@ -66,6 +66,18 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// A bad daemon configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The FUSE tree could not be mounted.
+    #[error("cannot mount the mdev tree at {}", path.display())]
+    Mount {
+        /// Mount point.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another run-time failure.
     #[error("server failed")]
     Runtime(#[source] std::io::Error),
@@ -80,7 +92,8 @@ impl CliError {
             | CliError::Lookup(_)
             | CliError::NoDefaultType
             | CliError::NotServable { .. }
-            | CliError::BadUuid(_) => EXIT_USAGE,
+            | CliError::BadUuid(_)
+            | CliError::Config(_) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }

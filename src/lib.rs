@@ -5,11 +5,13 @@
 
 pub mod catalog_cmd;
 pub mod control;
+pub mod daemon;
 pub mod display;
 pub mod dma;
 pub mod error;
 pub mod instance;
 pub mod manager;
+pub mod mdevfs;
 pub mod memfd;
 pub mod protocol;
 pub mod ratelimit;

@@ -57,6 +57,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve many instances and an mdev-shaped tree at ROOT/sys (FUSE) that mdevctl drives
+    /// with MDEVCTL_ENV_ROOT=ROOT, until SIGINT or SIGTERM.
+    Daemon {
+        /// Root directory [default: $XDG_RUNTIME_DIR/vgpu-emu, else /run/vgpu-emu].
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// A simulated physical GPU, NAME=FAMILY (repeatable) [default: one parent per type
+        /// family: emu0=emu, m60-0=m60].
+        #[arg(long = "parent", value_name = "NAME=FAMILY")]
+        parents: Vec<vgpu_emu::manager::ParentSpec>,
+        /// Start the definitions in ROOT/etc/mdevctl.d marked "start": "auto".
+        #[arg(long)]
+        autostart: bool,
+    },
+    /// List a daemon's instances.
+    List {
+        /// The daemon's root [default: as `daemon`].
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create an instance on a daemon's parent (returns once it listens).
+    Create {
+        /// The daemon's root [default: as `daemon`].
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Parent name.
+        #[arg(long)]
+        parent: String,
+        /// Type: an mdev type directory (vgpu_emu-emu_64m-v1) or NAME[@VERSION].
+        #[arg(long = "type", value_name = "TYPE")]
+        ty: String,
+        /// Instance UUID [default: a random one].
+        #[arg(long)]
+        uuid: Option<String>,
+    },
+    /// Remove an instance from a daemon (its socket goes away, capacity returns).
+    Remove {
+        /// The daemon's root [default: as `daemon`].
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Instance UUID.
+        uuid: String,
+    },
     /// Save a head's current image as PNG.
     Screenshot {
         /// The instance's vfio-user socket.
@@ -187,7 +233,82 @@ fn run(cli: Cli) -> Result<(), CliError> {
             print(&catalog_cmd::describe(&catalog, &name, json)?);
             Ok(())
         }
+        Command::Daemon {
+            root,
+            parents,
+            autostart,
+        } => {
+            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            let parents = if parents.is_empty() {
+                catalog
+                    .families()
+                    .iter()
+                    .map(|f| {
+                        let sep = if f.name.ends_with(|c: char| c.is_ascii_digit()) {
+                            "-"
+                        } else {
+                            ""
+                        };
+                        vgpu_emu::manager::ParentSpec {
+                            name: format!("{}{sep}0", f.name),
+                            family: f.name.clone(),
+                        }
+                    })
+                    .collect()
+            } else {
+                parents
+            };
+            let config = vgpu_emu::daemon::DaemonConfig {
+                root: root.unwrap_or_else(vgpu_emu::daemon::default_root),
+                parents,
+                autostart,
+            };
+            vgpu_emu::daemon::run(catalog, &config)
+        }
+        Command::List { root, json } => {
+            let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
+            let reply = vgpu_emu::daemon::request(&root, &vgpu_emu::daemon::Request::List)?;
+            let list = reply.instances.unwrap_or_default();
+            if json {
+                print(&(serde_json::to_string_pretty(&list)? + "\n"));
+            } else {
+                let mut out = String::from("UUID                                  PARENT  TYPE                    CLIENT  SOCKET\n");
+                for i in &list {
+                    out.push_str(&format!(
+                        "{:<36}  {:<6}  {:<22}  {:<6}  {}\n",
+                        i.uuid,
+                        i.parent,
+                        i.type_key,
+                        if i.client_connected { "yes" } else { "no" },
+                        i.socket
+                    ));
+                }
+                print(&out);
+            }
+            Ok(())
+        }
+        Command::Create {
+            root,
+            parent,
+            ty,
+            uuid,
+        } => {
+            let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
+            let reply = vgpu_emu::daemon::request(
+                &root,
+                &vgpu_emu::daemon::Request::Create { parent, ty, uuid },
+            )?;
+            print(&format!("{}\n", reply.uuid.unwrap_or_default()));
+            Ok(())
+        }
+        Command::Remove { root, uuid } => {
+            let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
+            vgpu_emu::daemon::request(&root, &vgpu_emu::daemon::Request::Remove { uuid })?;
+            Ok(())
+        }
         Command::Status { socket, json } => {
+            // The socket may be named through a link (the mdev tree's vfio-user.sock).
+            let socket = std::fs::canonicalize(&socket).unwrap_or(socket);
             let s = control::status(&control_path(&socket))?;
             print(&if json {
                 serde_json::to_string_pretty(&s)? + "\n"
@@ -201,6 +322,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             head,
             output,
         } => {
+            let socket = std::fs::canonicalize(&socket).unwrap_or(socket);
             let png = control::screenshot(&control_path(&socket), head)?;
             std::fs::write(&output, &png).map_err(|source| CliError::Output {
                 path: output.clone(),

@@ -1,0 +1,497 @@
+//! The mdev-shaped tree a daemon mounts (FUSE) at `ROOT/sys`, with the kernel's sysfs layout and
+//! semantics, so `mdevctl` (with `MDEVCTL_ENV_ROOT=ROOT`) and other vGPU tools drive it unchanged:
+//!
+//! ```text
+//! class/mdev_bus/<parent>                      -> ../../devices/<parent>
+//! bus/mdev/devices/<uuid>                      -> ../../../devices/<parent>/<uuid>
+//! devices/<parent>/mdev_supported_types/<type>/
+//!     name  description  device_api  available_instances   (read)
+//!     create                                               (write a UUID)
+//!     devices/<uuid>                           -> ../../../<uuid>
+//! devices/<parent>/<uuid>/
+//!     mdev_type                                -> ../mdev_supported_types/<type>
+//!     remove                                   (write 1)
+//!     vfio-user.sock                           -> the instance's socket
+//!     frame_rate_limiter                       (read/write 0 or 1; not guest ABI)
+//! ```
+//!
+//! Every node is computed from the manager's live state on each request, attributes and entries
+//! are never cached (TTL 0) and files are opened for direct I/O, so a read always reflects the
+//! current state. A write to `create` returns only once the instance listens, or fails with the
+//! kernel's errno (EINVAL bad UUID, EEXIST taken, EUSERS no capacity).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
+};
+use uuid::Uuid;
+
+use crate::manager::{ManageError, Manager, DEVICE_API};
+
+/// The manager as the filesystem and the daemon's control thread share it.
+pub type SharedManager = Arc<Mutex<Manager>>;
+
+fn lock(m: &SharedManager) -> MutexGuard<'_, Manager> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a path names.
+#[derive(Debug, PartialEq, Eq)]
+enum Node {
+    Dir(Vec<(String, FileType)>),
+    /// A regular file: its content (None: write-only), and whether it is writable.
+    File(Option<String>, bool),
+    Link(String),
+}
+
+/// The filesystem.
+#[derive(Debug)]
+pub struct MdevFs {
+    manager: SharedManager,
+    inodes: Mutex<Inodes>,
+    started: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct Inodes {
+    by_path: HashMap<String, u64>,
+    paths: Vec<String>,
+}
+
+impl Inodes {
+    /// The inode of `path` (the root, "", is 1).
+    fn intern(&mut self, path: &str) -> u64 {
+        if let Some(&ino) = self.by_path.get(path) {
+            return ino;
+        }
+        self.paths.push(path.to_string());
+        let ino = self.paths.len() as u64;
+        self.by_path.insert(path.to_string(), ino);
+        ino
+    }
+
+    fn path(&self, ino: u64) -> Option<String> {
+        self.paths
+            .get(usize::try_from(ino).ok()?.checked_sub(1)?)
+            .cloned()
+    }
+}
+
+fn dir(names: impl IntoIterator<Item = (String, FileType)>) -> Node {
+    Node::Dir(names.into_iter().collect())
+}
+
+fn names<'a>(names: impl IntoIterator<Item = &'a str>, kind: FileType) -> Vec<(String, FileType)> {
+    names.into_iter().map(|n| (n.to_string(), kind)).collect()
+}
+
+/// Resolves `path` (relative to the mount, `/`-separated, "" for the root) against the state.
+fn resolve(m: &Manager, path: &str) -> Option<Node> {
+    let parts: Vec<&str> = if path.is_empty() {
+        Vec::new()
+    } else {
+        path.split('/').collect()
+    };
+    let parent_names = || m.parents().iter().map(|p| p.name.clone());
+    let is_parent = |p: &str| m.parents().iter().any(|x| x.name == p);
+    let instance_on = |p: &str, u: &str| -> Option<Uuid> {
+        let u = Uuid::parse_str(u).ok()?;
+        (m.placement(&u)?.0 == p).then_some(u)
+    };
+    use FileType::{Directory, RegularFile, Symlink};
+    Some(match parts.as_slice() {
+        [] => dir(names(["class", "bus", "devices"], Directory)),
+        ["class"] => dir(names(["mdev_bus"], Directory)),
+        ["class", "mdev_bus"] => dir(parent_names().map(|n| (n, Symlink))),
+        ["class", "mdev_bus", p] if is_parent(p) => Node::Link(format!("../../devices/{p}")),
+        ["bus"] => dir(names(["mdev"], Directory)),
+        ["bus", "mdev"] => dir(names(["devices"], Directory)),
+        ["bus", "mdev", "devices"] => dir(m.uuids(None).iter().map(|u| (u.to_string(), Symlink))),
+        ["bus", "mdev", "devices", u] => {
+            let uuid = Uuid::parse_str(u).ok()?;
+            let (p, _) = m.placement(&uuid)?;
+            Node::Link(format!("../../../devices/{p}/{uuid}"))
+        }
+        ["devices"] => dir(parent_names().map(|n| (n, Directory))),
+        ["devices", p] if is_parent(p) => {
+            let mut entries = names(["mdev_supported_types"], Directory);
+            entries.extend(m.uuids(Some(p)).iter().map(|u| (u.to_string(), Directory)));
+            dir(entries)
+        }
+        ["devices", p, "mdev_supported_types"] if is_parent(p) => {
+            dir(m.types_of(p).into_iter().map(|(d, _)| (d, Directory)))
+        }
+        ["devices", p, "mdev_supported_types", t, rest @ ..] => {
+            let ty = m.type_by_dir(p, t)?;
+            match rest {
+                [] => {
+                    let mut e = names(
+                        [
+                            "name",
+                            "description",
+                            "device_api",
+                            "available_instances",
+                            "create",
+                        ],
+                        RegularFile,
+                    );
+                    e.push(("devices".into(), Directory));
+                    dir(e)
+                }
+                ["name"] => Node::File(Some(format!("{}\n", ty.key())), false),
+                ["description"] => {
+                    Node::File(Some(format!("{}\n", ty.nvidia_description())), false)
+                }
+                ["device_api"] => Node::File(Some(format!("{DEVICE_API}\n")), false),
+                ["available_instances"] => {
+                    Node::File(Some(format!("{}\n", m.available(p, ty))), false)
+                }
+                ["create"] => Node::File(None, true),
+                ["devices"] => dir(m
+                    .uuids(Some(p))
+                    .into_iter()
+                    .filter(|u| m.placement(u).is_some_and(|(_, d)| d == *t))
+                    .map(|u| (u.to_string(), Symlink))),
+                ["devices", u] => {
+                    let uuid = instance_on(p, u)?;
+                    (m.placement(&uuid)?.1 == *t).then(|| Node::Link(format!("../../../{uuid}")))?
+                }
+                _ => return None,
+            }
+        }
+        ["devices", p, u, rest @ ..] => {
+            let uuid = instance_on(p, u)?;
+            match rest {
+                [] => {
+                    let mut e = names(["mdev_type", "vfio-user.sock"], Symlink);
+                    e.extend(names(["remove"], RegularFile));
+                    e.extend(names(Manager::ATTRS, RegularFile));
+                    dir(e)
+                }
+                ["mdev_type"] => {
+                    Node::Link(format!("../mdev_supported_types/{}", m.placement(&uuid)?.1))
+                }
+                ["vfio-user.sock"] => Node::Link(m.socket_path(&uuid).display().to_string()),
+                ["remove"] => Node::File(None, true),
+                [attr] if Manager::ATTRS.contains(attr) => {
+                    Node::File(Some(format!("{}\n", m.attr(&uuid, attr)?)), true)
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
+    })
+}
+
+const TTL: Duration = Duration::ZERO;
+
+fn errno(e: &ManageError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl MdevFs {
+    /// A filesystem over `manager`.
+    pub fn new(manager: SharedManager) -> Self {
+        let mut inodes = Inodes::default();
+        inodes.intern("");
+        MdevFs {
+            manager,
+            inodes: Mutex::new(inodes),
+            started: SystemTime::now(),
+        }
+    }
+
+    fn inodes(&self) -> MutexGuard<'_, Inodes> {
+        self.inodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attr(&self, ino: u64, node: &Node) -> FileAttr {
+        let (kind, perm, size, nlink) = match node {
+            Node::Dir(_) => (FileType::Directory, 0o755, 0, 2),
+            Node::File(Some(c), w) => (
+                FileType::RegularFile,
+                if *w { 0o644 } else { 0o444 },
+                4096.max(c.len() as u64),
+                1,
+            ),
+            Node::File(None, _) => (FileType::RegularFile, 0o200, 4096, 1),
+            Node::Link(t) => (FileType::Symlink, 0o777, t.len() as u64, 1),
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: 0,
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// The path and current node of an inode.
+    fn lookup_ino(&self, ino: INodeNo) -> Option<(String, Node)> {
+        let path = self.inodes().path(ino.0)?;
+        let node = resolve(&lock(&self.manager), &path)?;
+        Some((path, node))
+    }
+
+    fn write_node(&self, path: &str, data: &[u8]) -> Result<(), Errno> {
+        let text = std::str::from_utf8(data).map_err(|_| Errno::EINVAL)?;
+        let parts: Vec<&str> = path.split('/').collect();
+        let mut m = lock(&self.manager);
+        match parts.as_slice() {
+            ["devices", p, "mdev_supported_types", t, "create"] => {
+                m.create(p, t, text).map(drop).map_err(|e| {
+                    log::info!("create {} on {p}/{t} refused: {e}", text.trim());
+                    errno(&e)
+                })
+            }
+            ["devices", _, u, "remove"] => {
+                if text.trim() != "1" {
+                    return Err(Errno::EINVAL);
+                }
+                let uuid = Uuid::parse_str(u).map_err(|_| Errno::ENOENT)?;
+                m.remove(&uuid).map_err(|e| errno(&e))
+            }
+            ["devices", _, u, attr] => {
+                let uuid = Uuid::parse_str(u).map_err(|_| Errno::ENOENT)?;
+                m.set_attr(&uuid, attr, text).map_err(|e| errno(&e))
+            }
+            _ => Err(Errno::EACCES),
+        }
+    }
+}
+
+impl Filesystem for MdevFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(parent_path) = self.inodes().path(parent.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        let path = if parent_path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{parent_path}/{name}")
+        };
+        let node = resolve(&lock(&self.manager), &path);
+        match node {
+            Some(node) => {
+                let ino = self.inodes().intern(&path);
+                reply.entry(&TTL, &self.attr(ino, &node), Generation(0));
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.lookup_ino(ino) {
+            Some((_, node)) => reply.attr(&TTL, &self.attr(ino.0, &node)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // Truncation (the O_TRUNC of a shell redirect) is meaningless for attributes, as in sysfs.
+        self.getattr(_req, ino, None, reply);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.lookup_ino(ino) {
+            Some((_, Node::Link(target))) => reply.data(target.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.lookup_ino(ino) {
+            // Direct I/O: every read goes to the live state, nothing is cached.
+            Some((_, Node::File(..))) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.lookup_ino(ino) {
+            Some((_, Node::File(Some(content), _))) => {
+                let bytes = content.as_bytes();
+                let start = (offset as usize).min(bytes.len());
+                let end = start.saturating_add(size as usize).min(bytes.len());
+                reply.data(&bytes[start..end]);
+            }
+            Some((_, Node::File(None, _))) => reply.error(Errno::EACCES),
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some((path, node)) = self.lookup_ino(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if !matches!(node, Node::File(_, true)) {
+            return reply.error(Errno::EACCES);
+        }
+        match self.write_node(&path, data) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some((path, Node::Dir(children))) = self.lookup_ino(ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let mut entries = vec![
+            (ino.0, FileType::Directory, ".".to_string()),
+            (ino.0, FileType::Directory, "..".to_string()),
+        ];
+        {
+            let mut inodes = self.inodes();
+            for (name, kind) in children {
+                let child = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}/{name}")
+                };
+                entries.push((inodes.intern(&child), kind, name));
+            }
+        }
+        for (i, (child_ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child_ino), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::ParentSpec;
+    use vgpu_model::Catalog;
+
+    #[test]
+    fn the_tree_follows_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let parents: Vec<ParentSpec> = vec!["emu0=emu".parse().unwrap()];
+        let mut m = Manager::new(Catalog::builtin().unwrap(), parents, dir.path()).unwrap();
+        let t = "vgpu_emu-emu_64m-v1";
+        let avail = |m: &Manager| {
+            resolve(
+                m,
+                &format!("devices/emu0/mdev_supported_types/{t}/available_instances"),
+            )
+        };
+        assert_eq!(
+            resolve(&m, "class/mdev_bus/emu0"),
+            Some(Node::Link("../../devices/emu0".into()))
+        );
+        assert_eq!(avail(&m), Some(Node::File(Some("32\n".into()), false)));
+        assert_eq!(
+            resolve(
+                &m,
+                &format!("devices/emu0/mdev_supported_types/{t}/device_api")
+            ),
+            Some(Node::File(Some("vfio-pci\n".into()), false))
+        );
+        let u = m
+            .create("emu0", t, "33333333-3333-3333-3333-333333333333")
+            .unwrap();
+        assert_eq!(avail(&m), Some(Node::File(Some("31\n".into()), false)));
+        assert_eq!(
+            resolve(&m, &format!("bus/mdev/devices/{u}")),
+            Some(Node::Link(format!("../../../devices/emu0/{u}")))
+        );
+        assert_eq!(
+            resolve(&m, &format!("devices/emu0/{u}/mdev_type")),
+            Some(Node::Link(format!("../mdev_supported_types/{t}")))
+        );
+        assert_eq!(
+            resolve(
+                &m,
+                &format!("devices/emu0/mdev_supported_types/{t}/devices/{u}")
+            ),
+            Some(Node::Link(format!("../../../{u}")))
+        );
+        assert!(resolve(
+            &m,
+            "devices/emu0/mdev_supported_types/vgpu_emu-emu_16m-v1/devices"
+        )
+        .is_some_and(|n| n == Node::Dir(Vec::new())));
+        m.remove(&u).unwrap();
+        assert_eq!(
+            resolve(&m, &format!("bus/mdev/devices/{u}")),
+            None,
+            "gone with the instance"
+        );
+        assert_eq!(resolve(&m, "devices/nope"), None);
+        assert_eq!(
+            resolve(&m, "devices/emu0/mdev_supported_types/vgpu_emu-nope-v1"),
+            None
+        );
+    }
+}
