@@ -342,16 +342,20 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
         .iter()
         .map(|p| format!("{} ({})", p.name, p.family))
         .collect();
-    println!(
+    // Readiness line; a closed stdout (the reader went away) must not stop the daemon.
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
         "vgpu-emu daemon: parents {} under {}",
         parents.join(", "),
         sys.display()
     );
-    println!(
+    let _ = writeln!(
+        out,
         "Use it with: MDEVCTL_ENV_ROOT={} mdevctl types",
         root.display()
     );
-    let _ = std::io::stdout().flush();
+    let _ = out.flush();
     {
         let m = manager.lock().unwrap_or_else(|p| p.into_inner());
         for p in m.parents() {

@@ -1,5 +1,6 @@
 //! `vgpu-emu serve`: one instance on one socket until SIGINT or SIGTERM.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -108,19 +109,31 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
         })
         .map_err(CliError::Runtime)?;
 
-    println!(
+    // Readiness lines; a closed stdout (`| head -1`) must not stop the server.
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
         "vgpu-emu: serving {} (uuid {}, {}) on {}",
         ty.key(),
         config.uuid,
         ty.nvidia_description(),
         config.socket.display()
     );
-    println!("Attach it with QEMU 10.1 or newer (guest RAM must be a shared memfd):");
-    println!("  qemu-system-x86_64 {} ...", qemu_options(&config.socket));
-    println!(
+    let _ = writeln!(
+        out,
+        "Attach it with QEMU 10.1 or newer (guest RAM must be a shared memfd):"
+    );
+    let _ = writeln!(
+        out,
+        "  qemu-system-x86_64 {} ...",
+        qemu_options(&config.socket)
+    );
+    let _ = writeln!(
+        out,
         "Status: vgpu-emu status --socket {0}    Screenshot: vgpu-emu screenshot --socket {0} -o screen.png",
         shell_quote(&config.socket.display().to_string())
     );
+    let _ = out.flush();
     info!(
         "listening on {} (control {})",
         config.socket.display(),
