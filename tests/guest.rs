@@ -510,3 +510,46 @@ fn guest_tests_are_gated_with_the_documented_reason() {
     // The ignore reason names the command that runs these tests; keep them in sync.
     assert!(GUEST.contains("README's full test command"));
 }
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn a_guest_boots_on_an_instance_created_through_the_mdev_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Command::new(BIN)
+        .arg("daemon")
+        .arg("--root")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert!(ready.starts_with("vgpu-emu daemon:"), "{ready:?}");
+    // As the kernel's mdev interface (and mdevctl) would: write a UUID to the type's `create`.
+    let uuid = "33333333-0000-4000-8000-000000000001";
+    let sys = dir.path().join("sys");
+    std::fs::write(
+        sys.join("class/mdev_bus/emu0/mdev_supported_types/vgpu_emu-emu_256m-v1/create"),
+        uuid,
+    )
+    .unwrap();
+    let socket = sys.join(format!("bus/mdev/devices/{uuid}/vfio-user.sock"));
+    let guest = Guest::boot(&["--socket", socket.to_str().unwrap()]);
+    let pci = fields(guest.line("pci"));
+    assert_eq!(
+        (pci["driver"], pci["subsystem_device"]),
+        ("bochs-drm", "0x1003"),
+        "EMU-256M's identity"
+    );
+    let modes = fields(guest.line("connector"))["modes"].to_string();
+    assert!(modes.starts_with("1920x1080,"), "{modes}");
+    guest.poweroff();
+    std::fs::write(sys.join(format!("bus/mdev/devices/{uuid}/remove")), "1").unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success(), "the daemon stops cleanly");
+}
