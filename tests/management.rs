@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{wait_until, BIN};
+use common::{vgpu_emu_ok, wait_until, BIN};
 use vgpu_model::Catalog;
 
 fn mdevctl_bin() -> &'static Path {
@@ -121,17 +121,14 @@ impl Daemon {
     }
 
     fn status(&self, uuid: &str) -> serde_json::Value {
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--socket"])
-            .arg(self.socket(uuid))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let socket = self.socket(uuid);
+        let out = vgpu_emu_ok(&[
+            "status".as_ref(),
+            "--json".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+        ]);
+        serde_json::from_str(&out).unwrap()
     }
 
     fn count(&self, what: &str) -> usize {
@@ -364,32 +361,11 @@ fn a_200_instance_churn_leaks_no_fd_mapping_or_thread() {
         if i % 20 == 0 {
             // Through the CLI mirrors now and then.
             let root = d.root.to_str().unwrap();
-            let out = Command::new(BIN)
-                .args([
-                    "create", "--root", root, "--parent", "emu0", "--type", "EMU-64M", "--uuid",
-                    &uuid,
-                ])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let out = Command::new(BIN)
-                .args(["list", "--root", root, "--json"])
-                .output()
-                .unwrap();
-            assert!(String::from_utf8_lossy(&out.stdout).contains(&uuid));
-            let out = Command::new(BIN)
-                .args(["remove", "--root", root, &uuid])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            vgpu_emu_ok(&[
+                "create", "--root", root, "--parent", "emu0", "--type", "EMU-64M", "--uuid", &uuid,
+            ]);
+            assert!(vgpu_emu_ok(&["list", "--root", root, "--json"]).contains(&uuid));
+            vgpu_emu_ok(&["remove", "--root", root, &uuid]);
         } else {
             d.create("emu0", M64, &uuid).unwrap();
             std::fs::write(d.sys(&format!("bus/mdev/devices/{uuid}/remove")), "1").unwrap();

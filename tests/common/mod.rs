@@ -24,6 +24,21 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Runs `vgpu-emu ARGS...`, asserts it succeeded, and returns its stdout.
+pub fn vgpu_emu_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        out.status.success(),
+        "vgpu-emu {shown:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A running `vgpu-emu serve`, killed on drop.
 pub struct Served {
     pub child: Child,
