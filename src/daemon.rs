@@ -229,17 +229,8 @@ fn serve_control(listener: UnixListener, manager: SharedManager) {
             }
             Ok(Request::Create { parent, ty, uuid }) => {
                 let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
-                // A type directory, or NAME[@VERSION] resolved among the parent's types.
-                let dir = m
-                    .types_of(&parent)
-                    .into_iter()
-                    .find(|(d, t)| {
-                        *d == ty
-                            || t.key().eq_ignore_ascii_case(&ty)
-                            || t.name.eq_ignore_ascii_case(&ty) && !t.deprecated
-                    })
-                    .map(|(d, _)| d)
-                    .unwrap_or(ty);
+                // A type directory, or NAME[@VERSION] resolved as everywhere else.
+                let dir = m.resolve_type_dir(&parent, &ty).unwrap_or(ty);
                 let uuid = uuid.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
                 match m.create(&parent, &dir, &uuid) {
                     Ok(u) => Reply {

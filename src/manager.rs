@@ -239,6 +239,17 @@ impl Manager {
             .map(|(_, t)| t)
     }
 
+    /// The type directory `spec` names on `parent`: a type directory itself, or NAME[@VERSION]
+    /// resolved as everywhere else (a bare name: the newest non-deprecated version).
+    pub fn resolve_type_dir(&self, parent: &str, spec: &str) -> Option<String> {
+        if self.type_by_dir(parent, spec).is_some() {
+            return Some(spec.to_string());
+        }
+        let p = self.parent(parent).ok()?;
+        let ty = self.catalog.resolve(spec).ok()?;
+        (ty.family == p.family).then(|| type_dir(ty))
+    }
+
     /// Live `available_instances` of `ty` on `parent`.
     pub fn available(&self, parent: &str, ty: &VgpuType) -> u32 {
         let Ok(p) = self.parent(parent) else {
@@ -544,6 +555,19 @@ mod tests {
             libc::EINVAL
         );
         assert_eq!(m.list()[0].mdev_type, "vgpu_emu-emu_16m-v1");
+        assert_eq!(
+            m.resolve_type_dir("emu0", "emu-16m").as_deref(),
+            Some("vgpu_emu-emu_16m-v1")
+        );
+        assert_eq!(
+            m.resolve_type_dir("emu0", "EMU-64M@1").as_deref(),
+            Some("vgpu_emu-emu_64m-v1")
+        );
+        assert_eq!(
+            m.resolve_type_dir("emu0", "vgpu_emu-emu_1g-v1").as_deref(),
+            Some("vgpu_emu-emu_1g-v1")
+        );
+        assert_eq!(m.resolve_type_dir("emu0", "M60-2Q"), None, "another family");
         assert!("bad".parse::<ParentSpec>().is_err());
         assert!(Manager::new(
             Catalog::builtin().unwrap(),
