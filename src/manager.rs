@@ -109,8 +109,9 @@ impl ManageError {
             ManageError::NoParent(_) | ManageError::NoType { .. } | ManageError::NoInstance(_) => {
                 libc::ENODEV
             }
-            // The mdev core's answer when a type has no available instances.
-            ManageError::NoCapacity { .. } => libc::EUSERS,
+            // What a VRAM-accounting parent driver answers (the kernel's mbochs sample returns
+            // ENOSPC from probe; the mdev core itself said EUSERS only in 5.16-6.0).
+            ManageError::NoCapacity { .. } => libc::ENOSPC,
             ManageError::Start(_) => libc::EIO,
         }
     }
@@ -514,7 +515,7 @@ mod tests {
                 "51111111-1111-1111-1111-111111111111",
             )
             .unwrap_err();
-        assert_eq!(e.errno(), libc::EUSERS);
+        assert_eq!(e.errno(), libc::ENOSPC);
         let e = m
             .create("emu0", "vgpu_emu-emu_1g-v1", &a.to_string())
             .unwrap_err();

@@ -18,7 +18,8 @@
 //! Every node is computed from the manager's live state on each request, attributes and entries
 //! are never cached (TTL 0) and files are opened for direct I/O, so a read always reflects the
 //! current state. A write to `create` returns only once the instance listens, or fails with the
-//! kernel's errno (EINVAL bad UUID, EEXIST taken, EUSERS no capacity).
+//! kernel's errno: EINVAL bad UUID, EEXIST taken, ENOSPC no capacity (as the kernel's
+//! VRAM-accounting mbochs parent answers).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

@@ -276,7 +276,7 @@ fn bad_writes_to_create_fail_with_the_kernel_errno_and_change_nothing() {
     assert_eq!(errno(d.create("emu0", GIB, U1)), Some(libc::EEXIST));
     assert_eq!(
         errno(d.create("emu0", M64, U2)),
-        Some(libc::EUSERS),
+        Some(libc::ENOSPC),
         "no capacity"
     );
     assert_eq!(d.available("emu0", GIB), 3);
