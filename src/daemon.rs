@@ -91,7 +91,11 @@ pub struct Reply {
 }
 
 fn is_mountpoint(path: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(path) else {
+    // A dead FUSE mount may refuse to be resolved (ENOTCONN): fall back to the absolute path.
+    let Some(canon) = std::fs::canonicalize(path)
+        .ok()
+        .or_else(|| std::path::absolute(path).ok())
+    else {
         return false;
     };
     let target = canon.display().to_string();
