@@ -35,16 +35,8 @@ fn scripts() -> PathBuf {
 fn provisioned() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        for script in ["provision-qemu", "build-guest"] {
-            let out = Command::new(scripts().join(script))
-                .output()
-                .expect("run qemu-scripts");
-            assert!(
-                out.status.success(),
-                "qemu-scripts/{script} failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        run_script("provision-qemu");
+        run_script("build-guest");
     });
 }
 

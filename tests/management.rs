@@ -12,23 +12,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{vgpu_emu_ok, wait_until, BIN};
+use common::{run_script, vgpu_emu_ok, wait_until, BIN};
 use vgpu_model::Catalog;
 
 fn mdevctl_bin() -> &'static Path {
     static BIN_PATH: OnceLock<PathBuf> = OnceLock::new();
-    BIN_PATH.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu-scripts/provision-mdevctl");
-        let out = Command::new(script)
-            .output()
-            .expect("run provision-mdevctl");
-        assert!(
-            out.status.success(),
-            "provision-mdevctl failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+    BIN_PATH.get_or_init(|| PathBuf::from(run_script("provision-mdevctl")))
 }
 
 /// A running daemon on a fresh root; stopped with SIGTERM (a clean unmount) on drop.

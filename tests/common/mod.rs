@@ -24,6 +24,23 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Runs `qemu-scripts/SCRIPT` (a provisioning script), asserts it succeeded, and returns its
+/// trimmed stdout (what it provisioned).
+pub fn run_script(script: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("qemu-scripts")
+        .join(script);
+    let out = Command::new(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "qemu-scripts/{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Runs `vgpu-emu ARGS...`, asserts it succeeded, and returns its stdout.
 pub fn vgpu_emu_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
