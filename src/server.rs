@@ -444,8 +444,10 @@ impl Conn {
         }
     }
 
+    /// Handles every whole message in the buffer. The instance is locked per message and never
+    /// across a send: a client that stops reading its replies blocks only its own thread, not
+    /// the instance's status, screenshots or (in a daemon) the mdev tree.
     fn handle_buffered(&mut self, instance: &SharedInstance, vram: &File) -> io::Result<()> {
-        let mut inst: Option<std::sync::MutexGuard<'_, Instance>> = None;
         while !self.closing {
             let avail = self.end - self.start;
             if self.discard > 0 {
@@ -488,27 +490,33 @@ impl Conn {
             };
             let no_reply = no_reply(&hdr);
             let (fds, truncated) = self.take_fds(pos, size as u64);
-            let inst = inst.get_or_insert_with(|| lock(instance));
             self.reply.clear();
             self.reply.extend_from_slice(&[0u8; HEADER_SIZE]);
             let mut reply_fds: Vec<RawFd> = Vec::new();
             let payload = &self.buf[self.start + HEADER_SIZE..self.start + size];
-            let result = if truncated || fds.len() > MAX_FDS {
-                Err(libc::EINVAL)
-            } else {
-                self.session.handle(
-                    &hdr,
-                    payload,
-                    fds,
-                    inst,
-                    vram,
-                    &mut self.reply,
-                    &mut reply_fds,
-                )
+            let result = {
+                let mut inst = lock(instance);
+                let result = if truncated || fds.len() > MAX_FDS {
+                    Err(libc::EINVAL)
+                } else {
+                    self.session.handle(
+                        &hdr,
+                        payload,
+                        fds,
+                        &mut inst,
+                        vram,
+                        &mut self.reply,
+                        &mut reply_fds,
+                    )
+                };
+                inst.counters.messages += 1;
+                if result.is_err() {
+                    inst.counters.errors += 1;
+                }
+                result
             };
             self.start += size;
             self.session.messages += 1;
-            inst.counters.messages += 1;
             match result {
                 Ok(()) => {
                     if !no_reply {
@@ -521,7 +529,6 @@ impl Conn {
                     }
                 }
                 Err(errno) => {
-                    inst.counters.errors += 1;
                     log_limited!(
                         self.log,
                         Level::Warn,

@@ -526,3 +526,30 @@ fn region_info_answers_a_short_request_as_qemu_expects() {
     drop(p);
     fresh_client_works(&mut served);
 }
+
+/// A client that stops reading its replies stalls only itself: the server's send blocks, but the
+/// instance stays reachable (status, screenshots, and in a daemon the whole mdev tree).
+#[test]
+fn a_client_that_stops_reading_stalls_only_itself() {
+    let served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    // 1 MiB reads whose replies are never read: the socket fills and the server's send blocks.
+    for i in 0..32u16 {
+        p.send_raw(&message(
+            1000 + i,
+            REGION_READ,
+            0,
+            &region_access(0, 0, 1 << 20),
+        ));
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the server to be stuck sending",
+        || served.status()["server"]["messages"].as_u64().unwrap() >= 2,
+    );
+    // Still answering while the send is blocked.
+    let status = served.status();
+    assert_eq!(status["client_connected"], true);
+    assert!(served.screenshot().unwrap_err().contains("not displaying"));
+    drop(p);
+}
