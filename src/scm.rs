@@ -108,8 +108,13 @@ pub fn send_fds_unlimited(fd: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<us
             libc::CMSG_LEN(data_len as u32),
         )
     };
-    // u64 elements keep the control buffer aligned for cmsghdr.
-    let mut cmsg = vec![0u64; (space as usize).div_ceil(8)];
+    // u64 elements keep the control buffer aligned for cmsghdr. Allocated only when descriptors
+    // go along: a plain reply (the register-access path) allocates nothing.
+    let mut cmsg = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![0u64; (space as usize).div_ceil(8)]
+    };
     if !fds.is_empty() {
         msg.msg_control = cmsg.as_mut_ptr().cast();
         msg.msg_controllen = space as usize;
