@@ -1129,6 +1129,3 @@ fn region_info(
     }
     Ok(())
 }
-
-/// How long a test may wait for the server; also documents QEMU's 5 s reply timeout.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
