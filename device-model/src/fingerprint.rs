@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
+use std::sync::OnceLock;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -111,12 +112,15 @@ struct ReleasedFile {
     released: BTreeMap<String, String>,
 }
 
-/// The released list: `name@version` -> `sha256:...`. An unreadable list is empty (the test of
-/// the list itself catches that).
-pub fn released() -> BTreeMap<String, String> {
-    toml::from_str::<ReleasedFile>(RELEASED)
-        .map(|f| f.released)
-        .unwrap_or_default()
+/// The released list: `name@version` -> `sha256:...`, parsed once. An unreadable list is
+/// empty (the test of the list itself catches that).
+pub fn released() -> &'static BTreeMap<String, String> {
+    static LIST: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    LIST.get_or_init(|| {
+        toml::from_str::<ReleasedFile>(RELEASED)
+            .map(|f| f.released)
+            .unwrap_or_default()
+    })
 }
 
 /// Whether `ty` is a released built-in version (its fingerprint is held fixed).
@@ -140,15 +144,15 @@ mod tests {
     #[test]
     fn released_fingerprints_hold() {
         let c = Catalog::builtin().unwrap();
-        for (key, want) in released() {
+        for (key, want) in released().iter() {
             let ty = c.resolve(&key).unwrap_or_else(|e| {
                 panic!("released type {key} is gone ({e}); deprecate, never delete")
             });
-            assert_eq!(ty.key(), key);
+            assert_eq!(ty.key(), *key);
             let got = fingerprint(ty).to_string();
             assert_eq!(
                 got,
-                want,
+                *want,
                 "the guest ABI of released {key} changed; canonical encoding now:\n{}",
                 canonical_encoding(ty)
             );
