@@ -321,6 +321,15 @@ fn lit_pixels(rgb: &[u8]) -> usize {
         .count()
 }
 
+/// Waits until the instance's screenshot shows the guest's console text.
+fn wait_for_text(served: &Served, what: &str) {
+    wait_until(Duration::from_secs(60), what, || {
+        served
+            .screenshot()
+            .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
+    });
+}
+
 #[test]
 #[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
 fn console_text_matches_qemus_own_bochs_display_pixel_for_pixel() {
@@ -423,15 +432,7 @@ fn reboot_resets_the_device_and_the_console_lights_up_again() {
     );
     guest.send("draw");
     guest.expect("drawn");
-    wait_until(
-        Duration::from_secs(60),
-        "text on the console after the reboot",
-        || {
-            served
-                .screenshot()
-                .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
-        },
-    );
+    wait_for_text(&served, "text on the console after the reboot");
     guest.poweroff();
 }
 
@@ -454,15 +455,7 @@ fn an_instance_survives_its_qemu_being_killed() {
     assert_eq!(fields(second.line("pci"))["driver"], "bochs-drm");
     second.send("draw");
     second.expect("drawn");
-    wait_until(
-        Duration::from_secs(60),
-        "text from the second guest",
-        || {
-            served
-                .screenshot()
-                .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
-        },
-    );
+    wait_for_text(&served, "text from the second guest");
     assert_eq!(served.status()["server"]["connections"], 2);
     second.poweroff();
 }
@@ -475,19 +468,13 @@ fn two_guests_see_separate_vram() {
     let mut gb = Guest::boot(&["--socket", b.socket.to_str().unwrap()]);
     ga.send("draw");
     ga.expect("drawn");
-    wait_until(Duration::from_secs(60), "text in A", || {
-        a.screenshot()
-            .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
-    });
+    wait_for_text(&a, "text in A");
     let (_, _, shot_b) = b.screenshot().expect("B displays its (empty) console");
     assert_eq!(lit_pixels(&shot_b), 0, "B's VRAM holds none of A's text");
     let (_, _, shot_a) = a.screenshot().unwrap();
     gb.send("draw");
     gb.expect("drawn");
-    wait_until(Duration::from_secs(60), "text in B", || {
-        b.screenshot()
-            .is_ok_and(|(_, _, rgb)| lit_pixels(&rgb) > 1000)
-    });
+    wait_for_text(&b, "text in B");
     assert_eq!(
         a.screenshot().unwrap().2,
         shot_a,
