@@ -26,7 +26,7 @@ use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::display::encode_png;
-use crate::instance::{lock, SharedInstance};
+use crate::instance::{lock, SharedInstance, Status};
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 4096;
@@ -52,7 +52,7 @@ struct Reply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    status: Option<serde_json::Value>,
+    status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     png_bytes: Option<u64>,
 }
@@ -139,7 +139,7 @@ fn serve_one(stream: UnixStream, instance: &SharedInstance) -> io::Result<()> {
             let reply = Reply {
                 ok: true,
                 error: None,
-                status: Some(serde_json::to_value(status)?),
+                status: Some(status),
                 png_bytes: None,
             };
             writeln!(out, "{}", serde_json::to_string(&reply)?)
@@ -215,7 +215,7 @@ fn exchange(
 }
 
 /// Asks the instance at control socket `control` for its status (JSON).
-pub fn status(control: &Path) -> Result<serde_json::Value, ControlError> {
+pub fn status(control: &Path) -> Result<Status, ControlError> {
     let (reply, _) = exchange(control, &Request::Status)?;
     reply
         .status

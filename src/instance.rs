@@ -13,7 +13,7 @@ use vgpu_model::{Device, DeviceError, VgpuType};
 use crate::memfd::MemfdVram;
 
 /// Protocol-level counters of the vfio-user server.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
 pub struct ServerCounters {
     /// Clients accepted since start.
     pub connections: u64,
@@ -148,7 +148,7 @@ pub struct HeadStatus {
 }
 
 /// `vgpu-emu status` output.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Status {
     /// `name@version`.
     #[serde(rename = "type")]

@@ -152,68 +152,46 @@ fn print(out: &str) {
     let _ = std::io::stdout().write_all(out.as_bytes());
 }
 
-fn status_text(s: &serde_json::Value) -> String {
-    let g = |k: &str| s.get(k).cloned().unwrap_or_default();
-    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-    let mut out = String::new();
-    let mut kv = |k: &str, v: String| out.push_str(&format!("{k:<10} {v}\n"));
-    kv("type", g("type").as_str().unwrap_or("?").to_string());
-    kv("uuid", g("uuid").as_str().unwrap_or("?").to_string());
-    kv("socket", g("socket").as_str().unwrap_or("?").to_string());
-    kv(
-        "client",
-        if g("client_connected").as_bool().unwrap_or(false) {
-            "connected"
-        } else {
-            "not connected"
-        }
-        .into(),
+fn status_text(s: &vgpu_emu::instance::Status) -> String {
+    let yes_no = |b: bool, yes: &str, no: &str| if b { yes } else { no }.to_string();
+    let mut rows = vec![
+        ("type".to_string(), s.type_key.clone()),
+        ("uuid".into(), s.uuid.clone()),
+        ("socket".into(), s.socket.clone()),
+        (
+            "client".into(),
+            yes_no(s.client_connected, "connected", "not connected"),
+        ),
+    ];
+    rows.extend(
+        s.heads
+            .iter()
+            .map(|h| (format!("head {}", h.head), h.mode.clone())),
     );
-    for h in g("heads").as_array().cloned().unwrap_or_default() {
-        kv(
-            &format!("head {}", n(&h, "head")),
-            h.get("mode")
-                .and_then(|m| m.as_str())
-                .unwrap_or("?")
-                .to_string(),
-        );
-    }
-    kv(
-        "blanked",
-        if g("blanked").as_bool().unwrap_or(false) {
-            "yes"
-        } else {
-            "no"
-        }
-        .into(),
-    );
-    let sv = g("server");
-    kv(
-        "protocol",
+    rows.push(("blanked".into(), yes_no(s.blanked, "yes", "no")));
+    let (sv, a) = (&s.server, &s.accesses);
+    rows.push((
+        "protocol".into(),
         format!(
             "{} messages, {} errors, {} connections ({} refused)",
-            n(&sv, "messages"),
-            n(&sv, "errors"),
-            n(&sv, "connections"),
-            n(&sv, "refused_connections")
+            sv.messages, sv.errors, sv.connections, sv.refused_connections
         ),
-    );
-    let a = g("accesses");
-    kv(
-        "accesses",
+    ));
+    rows.push((
+        "accesses".into(),
         format!(
             "config {}r/{}w, registers {}r/{}w ({} ignored), trapped VRAM {}, refused {}, resets {}",
-            n(&a, "config_reads"),
-            n(&a, "config_writes"),
-            n(&a, "register_reads"),
-            n(&a, "register_writes"),
-            n(&a, "ignored_writes"),
-            n(&a, "vram_accesses"),
-            n(&a, "refused"),
-            n(&a, "resets")
+            a.config_reads,
+            a.config_writes,
+            a.register_reads,
+            a.register_writes,
+            a.ignored_writes,
+            a.vram_accesses,
+            a.refused,
+            a.resets
         ),
-    );
-    out
+    ));
+    rows.iter().map(|(k, v)| format!("{k:<10} {v}\n")).collect()
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
