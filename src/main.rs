@@ -169,6 +169,18 @@ fn status_text(s: &vgpu_emu::instance::Status) -> String {
             .map(|h| (format!("head {}", h.head), h.mode.clone())),
     );
     rows.push(("blanked".into(), yes_no(s.blanked, "yes", "no")));
+    let frl = if s.frl == 0 {
+        "off".to_string()
+    } else {
+        format!("{} fps", s.frl)
+    };
+    rows.push((
+        "frl".into(),
+        format!(
+            "{frl}, frame_rate_limiter {}",
+            yes_no(s.frame_rate_limiter, "on", "off")
+        ),
+    ));
     let (sv, a) = (&s.server, &s.accesses);
     rows.push((
         "protocol".into(),
