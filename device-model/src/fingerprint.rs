@@ -145,7 +145,7 @@ mod tests {
     fn released_fingerprints_hold() {
         let c = Catalog::builtin().unwrap();
         for (key, want) in released().iter() {
-            let ty = c.resolve(&key).unwrap_or_else(|e| {
+            let ty = c.resolve(key).unwrap_or_else(|e| {
                 panic!("released type {key} is gone ({e}); deprecate, never delete")
             });
             assert_eq!(ty.key(), *key);
