@@ -145,7 +145,7 @@ fn serve_one(stream: UnixStream, instance: &SharedInstance) -> io::Result<()> {
             writeln!(out, "{}", serde_json::to_string(&reply)?)
         }
         Request::Screenshot { head } => {
-            let frame = lock(instance).device.capture(head);
+            let frame = crate::instance::capture(instance, head);
             match frame {
                 Err(e) => fail(&mut out, format!("head {head} is not displaying: {e}")),
                 Ok(frame) => match encode_png(&frame) {

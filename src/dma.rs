@@ -1,19 +1,32 @@
 //! The client's DMA map table: guest memory regions announced with DMA_MAP.
 //!
-//! QEMU announces all guest RAM before DEVICE_GET_INFO; some regions come with an fd (mapped
-//! here, after checking the file is large enough), some without (recorded only). No personality
-//! served today reads guest memory; the table is the plumbing virtio-gpu will use.
+//! QEMU announces all guest RAM before DEVICE_GET_INFO; some regions come with an fd, some
+//! without (recorded only). An fd is mapped only when the file cannot shrink under us
+//! (`F_SEAL_SHRINK`, which QEMU's `memory-backend-memfd` sets by default) and is large enough;
+//! otherwise touching the mapping after the client truncated the file would raise SIGBUS. A file
+//! without the seal is recorded like an fd-less region: reachable only through DMA_READ/WRITE
+//! messages, never through a mapping. No personality served today reads guest memory; the
+//! table is the plumbing virtio-gpu will use.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
-use vm_memory::MmapRegion;
+use crate::memfd::{cannot_shrink, Mapping};
 
-use crate::memfd::map_shared;
-
-/// Most regions one client may map (bounds the table's memory).
+/// Most regions one client may map (bounds the table's memory; mappings hold no descriptor).
 pub const MAX_MAPS: usize = 16384;
+
+/// What became of a region's fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapped {
+    /// No fd came with the region.
+    NoFd,
+    /// Mapped.
+    Yes,
+    /// The file could shrink (no `F_SEAL_SHRINK`): not mapped, the fd closed.
+    NotSealed,
+}
 
 /// One mapped guest region.
 #[derive(Debug)]
@@ -22,8 +35,8 @@ pub struct DmaRegion {
     pub size: u64,
     /// READ / WRITE flags as sent.
     pub flags: u32,
-    /// The mapping, when the client sent an fd.
-    pub map: Option<MmapRegion>,
+    /// The mapping, when the client sent the fd of a file that cannot shrink.
+    pub map: Option<Mapping>,
 }
 
 /// Guest address -> region.
@@ -41,7 +54,7 @@ impl DmaMaps {
         offset: u64,
         flags: u32,
         fd: Option<OwnedFd>,
-    ) -> Result<(), i32> {
+    ) -> Result<Mapped, i32> {
         let end = addr.checked_add(size).ok_or(libc::EINVAL)?;
         if size == 0 || flags & !(libc::PROT_READ as u32 | libc::PROT_WRITE as u32) != 0 {
             return Err(libc::EINVAL);
@@ -56,19 +69,20 @@ impl DmaMaps {
         if overlaps_before || overlaps_after {
             return Err(libc::EEXIST);
         }
-        let map = match fd {
-            Some(fd) => {
+        let (map, mapped) = match fd {
+            // The seal first, then the size: once the seal is seen, the size can only grow.
+            Some(fd) if cannot_shrink(fd.as_fd()) => {
                 // VFIO_DMA_MAP_FLAG_READ/WRITE have the values of PROT_READ/PROT_WRITE.
                 let prot = flags as i32;
-                Some(
-                    map_shared(File::from(fd), offset, size, prot)
-                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?,
-                )
+                let map = Mapping::new(&File::from(fd), offset, size, prot)
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+                (Some(map), Mapped::Yes)
             }
-            None => None,
+            Some(_) => (None, Mapped::NotSealed),
+            None => (None, Mapped::NoFd),
         };
         self.regions.insert(addr, DmaRegion { size, flags, map });
-        Ok(())
+        Ok(mapped)
     }
 
     /// Removes every region inside `[addr, addr + size)`. A region only partly inside is an
@@ -119,22 +133,22 @@ impl DmaMaps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memfd::memfd;
+    use crate::memfd::{memfd, memfd_unsealed};
 
     #[test]
     fn map_unmap_and_overlaps() {
         let mut m = DmaMaps::default();
-        m.map(0x1000, 0x2000, 0, 3, None).unwrap();
+        assert_eq!(m.map(0x1000, 0x2000, 0, 3, None), Ok(Mapped::NoFd));
         assert_eq!(m.map(0x2000, 0x1000, 0, 3, None), Err(libc::EEXIST));
         assert_eq!(m.map(0x0, 0x1001, 0, 3, None), Err(libc::EEXIST));
-        m.map(
+        let mapped = m.map(
             0x3000,
             0x1000,
             0,
             3,
             Some(memfd("ram", 0x1000).unwrap().into()),
-        )
-        .unwrap();
+        );
+        assert_eq!(mapped, Ok(Mapped::Yes));
         assert_eq!(m.mapped_bytes(), 0x1000);
         assert_eq!(m.unmap(0x1000, 0x1000), Err(libc::EINVAL), "partial unmap");
         assert_eq!(m.unmap(0x0, 0x4000), Ok(2));
@@ -158,5 +172,19 @@ mod tests {
             "offset not page aligned"
         );
         assert_eq!(m.len(), 0);
+    }
+
+    /// A file the client could truncate is never mapped: a later access would raise SIGBUS.
+    #[test]
+    fn a_file_that_can_shrink_is_not_mapped() {
+        let mut m = DmaMaps::default();
+        let f = memfd_unsealed("ram", 0x2000).unwrap();
+        let client = f.try_clone().unwrap();
+        assert_eq!(m.map(0, 0x2000, 0, 3, Some(f.into())), Ok(Mapped::NotSealed));
+        assert_eq!(m.len(), 1, "recorded, as an fd-less region");
+        assert_eq!(m.mapped_bytes(), 0);
+        // The client truncating its file now cannot hurt us.
+        client.set_len(0).unwrap();
+        assert_eq!(m.unmap(0, 0x2000), Ok(1));
     }
 }

@@ -2,27 +2,68 @@
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use serde::Serialize;
 use uuid::Uuid;
 use vgpu_model::device::AccessCounters;
+use vgpu_model::scanout::{Frame, NotDisplaying};
 use vgpu_model::{Device, DeviceError, VgpuType};
 
-use crate::memfd::MemfdVram;
+use crate::memfd::{MemfdVram, VramView};
 
-/// Protocol-level counters of the vfio-user server.
+/// Protocol-level counters of the vfio-user server, as `status` reports them.
 #[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
 pub struct ServerCounters {
     /// Clients accepted since start.
     pub connections: u64,
-    /// Connections refused because a client was already attached.
+    /// Connections refused because a client was already attached (each was answered EBUSY
+    /// when it sent a message in time).
     pub refused_connections: u64,
     /// Messages handled.
     pub messages: u64,
     /// Messages answered with an error.
     pub errors: u64,
+    /// Descriptors closed because they could not belong to a valid message.
+    #[serde(default)]
+    pub stray_fds_closed: u64,
+}
+
+/// The live counters behind [`ServerCounters`]: atomics, so the server counts without taking
+/// the instance lock.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// See [`ServerCounters::connections`].
+    pub connections: AtomicU64,
+    /// See [`ServerCounters::refused_connections`].
+    pub refused_connections: AtomicU64,
+    /// See [`ServerCounters::messages`].
+    pub messages: AtomicU64,
+    /// See [`ServerCounters::errors`].
+    pub errors: AtomicU64,
+    /// See [`ServerCounters::stray_fds_closed`].
+    pub stray_fds_closed: AtomicU64,
+}
+
+impl ServerStats {
+    /// Adds `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A snapshot.
+    pub fn get(&self) -> ServerCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ServerCounters {
+            connections: g(&self.connections),
+            refused_connections: g(&self.refused_connections),
+            messages: g(&self.messages),
+            errors: g(&self.errors),
+            stray_fds_closed: g(&self.stray_fds_closed),
+        }
+    }
 }
 
 /// One instance: device, identity, and live counters.
@@ -36,8 +77,10 @@ pub struct Instance {
     pub socket: PathBuf,
     /// When the current client connected, if one is.
     pub client_since: Option<SystemTime>,
-    /// Protocol counters.
-    pub counters: ServerCounters,
+    /// Protocol counters, shared with the server without the lock.
+    pub stats: Arc<ServerStats>,
+    /// A read-only view of VRAM, for copying frames without the lock (memfd VRAM only).
+    pub vram_view: Option<VramView>,
     /// Runtime knob (not guest ABI): whether the frame-rate limiter applies to viewers.
     pub frl_enabled: bool,
 }
@@ -49,6 +92,22 @@ pub type SharedInstance = Arc<Mutex<Instance>>;
 /// a state that is unsafe to read: every access is bounds-checked).
 pub fn lock(shared: &SharedInstance) -> MutexGuard<'_, Instance> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Copies head `head`'s image. The instance lock is held only to read the scanout registers;
+/// the frame itself (up to 33 MB at 4K) is copied through the VRAM view after the lock is
+/// released, so the guest's register accesses never wait for a screenshot.
+pub fn capture(shared: &SharedInstance, head: u32) -> Result<Frame, NotDisplaying> {
+    let (scanout, view) = {
+        let inst = lock(shared);
+        let scanout = inst.device.scanout(head)?;
+        match &inst.vram_view {
+            Some(view) => (scanout, view.clone()),
+            // VRAM of another backing (tests): copied under the lock.
+            None => return inst.device.capture(head),
+        }
+    };
+    Ok(Frame::capture(&scanout, &view))
 }
 
 /// Why an instance could not be created.
@@ -88,8 +147,11 @@ impl Instance {
                 size: ty.framebuffer,
                 source,
             })?;
+        let view = vram.view();
         let device = Device::new(ty, uuid.as_bytes(), Box::new(vram))?;
-        Ok((Instance::from_device(device, uuid, socket), file))
+        let mut instance = Instance::from_device(device, uuid, socket);
+        instance.vram_view = Some(view);
+        Ok((instance, file))
     }
 
     /// An instance around an existing device (tests and fuzzing; VRAM of any backing).
@@ -99,7 +161,8 @@ impl Instance {
             uuid,
             socket,
             client_since: None,
-            counters: ServerCounters::default(),
+            stats: Arc::default(),
+            vram_view: None,
             frl_enabled: true,
         }
     }
@@ -130,7 +193,7 @@ impl Instance {
             blanked: self.device.blanked(),
             frame_rate_limiter: self.frl_enabled,
             frl: ty.frl,
-            server: self.counters,
+            server: self.stats.get(),
             accesses: self.device.counters(),
         }
     }

@@ -10,6 +10,7 @@ pub mod display;
 pub mod dma;
 pub mod error;
 pub mod instance;
+pub mod irq;
 pub mod manager;
 pub mod mdevfs;
 pub mod memfd;

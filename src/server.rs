@@ -1,11 +1,11 @@
 //! The vfio-user server: one listening socket, one client at a time.
 //!
-//! A mio loop owns the listening socket and the instance's lifecycle (accepting, holding a
-//! reconnecting client until the attached one has gone, stopping). The attached client is served
-//! by its own thread with blocking `recvmsg`/`sendmsg`: one read and one write per register access,
-//! the same system calls as a bare socket ping-pong. (With the client on the mio loop too, every
-//! access cost an extra `epoll_wait`: 1.22x the floor instead of the 1.10x goal; see
-//! BENCHMARKS.md.)
+//! A mio loop owns the listening socket and the instance's lifecycle (accepting, holding
+//! reconnecting clients until the attached one has gone, refusing, stopping). The attached client
+//! is served by its own thread with blocking `recvmsg`/`sendmsg`: one read and one write per
+//! register access, the same system calls as a bare socket ping-pong. (With the client on the mio
+//! loop too, every access cost an extra `epoll_wait`: 1.22x the floor instead of the 1.10x goal;
+//! see BENCHMARKS.md.)
 //!
 //! Framing: bytes are read into a fixed per-connection buffer (sized by *our* limit, never by a
 //! peer's claim) and a message is acted on only once all of it is in. A message whose size is
@@ -16,8 +16,21 @@
 //!
 //! Descriptors: the kernel ends a `recvmsg` right after the segment that carried descriptors,
 //! and a client sends each message (with its descriptors) in one `sendmsg`. So descriptors that
-//! arrive with a read belong to the *last* message that starts within that read's bytes; any
-//! other attribution is a protocol error and the descriptors are closed.
+//! arrive with a read belong to the *last* message that starts within that read's bytes. After
+//! every read, descriptors that cannot belong to the message still being received (their read
+//! did not contain its start, or it is being drained) are closed at once, so a connection holds
+//! at most one message's worth ([`MAX_FDS`]) of descriptors it has not acted on; a read carrying
+//! more than that is refused whole.
+//!
+//! Locks: the instance lock is taken only around device-model calls. DMA maps (mmap/munmap),
+//! descriptor checks, interrupt signalling, sends and every other system call happen without it,
+//! so the guest's register path never waits on a client's descriptors or a viewer.
+//!
+//! Several clients: a client that connects while another is attached waits (a VMM reconnecting
+//! can race its own EOF) for up to [`RECONNECT_GRACE`]; clients that close while waiting are
+//! forgotten. One that is refused (the grace ran out, or too many wait) gets its first message
+//! answered with EBUSY before the socket closes, so a VMM reports an error instead of a broken
+//! stream.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -37,8 +50,9 @@ use vgpu_model::device::{NUM_IRQS, NUM_REGIONS};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::IntoBytes;
 
-use crate::dma::DmaMaps;
-use crate::instance::{lock, Instance, SharedInstance};
+use crate::dma::{DmaMaps, Mapped};
+use crate::instance::{lock, Instance, ServerStats, SharedInstance};
+use crate::irq::{EventFd, Interrupts, Signalled};
 use crate::log_limited;
 use crate::protocol::{self as p, cmd, flags, Header, HEADER_SIZE};
 use crate::ratelimit::RateLimit;
@@ -57,15 +71,24 @@ const PAGE_SIZE: u64 = 4096;
 /// that closes and reconnects can race its own EOF (for instance while a forked child still
 /// holds the old socket until it execs), so a reconnect is held briefly rather than refused.
 pub const RECONNECT_GRACE: Duration = Duration::from_secs(1);
+/// Most clients waiting for the attached one to leave; more are refused at once.
+const MAX_WAITING: usize = 4;
+/// Most refused clients waiting for their EBUSY answer; more are closed without one.
+const MAX_REFUSING: usize = 8;
+/// How long a refused client has to send its first message (to be answered EBUSY).
+const REFUSE_WAIT: Duration = Duration::from_secs(2);
+/// How long stopping waits for a connection thread before leaving it behind.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 
-/// Stops a running [`Server`] from another thread.
+/// Stops a running [`Server`] from another thread, or asks its client to let go.
 #[derive(Clone, Debug)]
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    irqs: Arc<Interrupts>,
 }
 
 impl StopHandle {
@@ -73,6 +96,12 @@ impl StopHandle {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
+    }
+
+    /// Raises the REQ interrupt: asks the attached client to release the device (QEMU then
+    /// unplugs it from the guest). Never blocks.
+    pub fn request_release(&self) -> Signalled {
+        self.irqs.signal(vb::VFIO_PCI_REQ_IRQ_INDEX, 0)
     }
 }
 
@@ -96,6 +125,16 @@ struct Ended {
     log: RateLimit,
 }
 
+/// A client kept on the loop: waiting for the attached one to leave, or refused and waiting for
+/// its first message to be answered EBUSY.
+#[derive(Debug)]
+struct Held {
+    stream: UnixStream,
+    token: Token,
+    /// When it is refused (waiting) or closed (refusing).
+    deadline: Instant,
+}
+
 /// The server of one instance.
 #[derive(Debug)]
 pub struct Server {
@@ -103,11 +142,16 @@ pub struct Server {
     listener: UnixListener,
     waker: Arc<Waker>,
     instance: SharedInstance,
+    stats: Arc<ServerStats>,
+    irqs: Arc<Interrupts>,
     vram_file: Arc<File>,
     stop: Arc<AtomicBool>,
     active: Option<Active>,
-    /// A client that connected while another was attached, and when it did.
-    waiting: Option<(UnixStream, Instant)>,
+    /// Clients that connected while another was attached, oldest first.
+    waiting: VecDeque<Held>,
+    /// Refused clients, until their first message is answered EBUSY.
+    refusing: Vec<Held>,
+    next_token: usize,
     refuse_log: RateLimit,
     /// Limits protocol-error logs across connections: a client reconnecting in a loop does not
     /// reset it. Lent to the connection thread while one runs.
@@ -121,12 +165,15 @@ struct Caps {
     max_xfer: u32,
 }
 
+/// Descriptors that arrived with one read, and the stream range of that read.
 #[derive(Debug)]
 struct FdChunk {
     start: u64,
     end: u64,
     fds: Vec<OwnedFd>,
-    truncated: bool,
+    /// The read carried more descriptors than a message may (closed at once): whatever message
+    /// they were for is refused.
+    refused: bool,
 }
 
 /// One client connection: framing state and protocol session.
@@ -148,13 +195,23 @@ struct Conn {
     log: RateLimit,
 }
 
-/// Per-client protocol state: negotiation, DMA maps, IRQ eventfds.
+/// What a connection works on: the instance, its VRAM file, its counters and interrupts.
+#[derive(Debug)]
+struct Ctx<'a> {
+    instance: &'a SharedInstance,
+    vram: &'a File,
+    stats: &'a ServerStats,
+    irqs: &'a Interrupts,
+}
+
+/// Per-client protocol state: negotiation, DMA maps.
 #[derive(Debug, Default)]
 struct Session {
     caps: Option<Caps>,
     dma: DmaMaps,
-    irqs: Vec<Vec<Option<OwnedFd>>>,
     messages: u64,
+    /// Limits logs of things a guest or client can repeat at will (resets, unsealed maps).
+    noisy: RateLimit,
 }
 
 impl Server {
@@ -172,21 +229,28 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
+        let stats = lock(&instance).stats.clone();
+        let counts: Vec<u32> = (0..NUM_IRQS).map(Session::irq_count).collect();
+        let irqs = Arc::new(Interrupts::new(&counts));
         Ok((
             Server {
                 poll,
                 listener,
                 waker: waker.clone(),
                 instance,
+                stats,
+                irqs: irqs.clone(),
                 vram_file: Arc::new(vram_file),
                 stop: stop.clone(),
                 active: None,
-                waiting: None,
+                waiting: VecDeque::new(),
+                refusing: Vec::new(),
+                next_token: 2,
                 refuse_log: RateLimit::default(),
                 error_log: Some(RateLimit::default()),
                 next_conn: 1,
             },
-            StopHandle { stop, waker },
+            StopHandle { stop, waker, irqs },
         ))
     }
 
@@ -194,25 +258,36 @@ impl Server {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(16);
         while !self.stop.load(Ordering::SeqCst) {
-            let timeout = self.waiting.as_ref().map(|(_, since)| {
-                (*since + RECONNECT_GRACE).saturating_duration_since(Instant::now())
-            });
+            let timeout = self
+                .waiting
+                .iter()
+                .chain(&self.refusing)
+                .map(|h| h.deadline)
+                .min()
+                .map(|d| d.saturating_duration_since(Instant::now()));
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER | WAKER => {}
+                    token => self.held_ready(token),
+                }
+            }
             if events.iter().any(|e| e.token() == LISTENER) {
                 self.accept();
             }
             self.reap();
-            self.settle_waiting();
+            self.settle();
         }
-        self.waiting = None;
+        self.waiting.clear();
+        self.refusing.clear();
         if let Some(active) = &self.active {
             let _ = active.stream.shutdown(std::net::Shutdown::Both);
         }
-        self.reap_blocking();
+        self.reap_bounded();
         Ok(())
     }
 
@@ -221,12 +296,16 @@ impl Server {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     self.reap();
-                    if self.active.is_none() {
+                    if self.active.is_none() && self.waiting.is_empty() {
                         self.adopt(stream);
-                    } else if self.waiting.is_none() {
-                        self.waiting = Some((stream, Instant::now()));
+                        continue;
+                    }
+                    // Clients that gave up while waiting make room.
+                    self.waiting.retain(|h| !peer_closed(&h.stream));
+                    if self.waiting.len() < MAX_WAITING {
+                        self.hold(stream, RECONNECT_GRACE, true);
                     } else {
-                        self.refuse(stream);
+                        self.refuse(stream, "too many clients are waiting");
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -239,31 +318,83 @@ impl Server {
         }
     }
 
-    /// Adopts the waiting client once the attached one is gone; refuses it after the grace.
-    fn settle_waiting(&mut self) {
-        if self.active.is_some() {
-            if self
-                .waiting
-                .as_ref()
-                .is_some_and(|(_, since)| since.elapsed() >= RECONNECT_GRACE)
-            {
-                if let Some((stream, _)) = self.waiting.take() {
-                    self.refuse(stream);
-                }
-            }
-        } else if let Some((stream, _)) = self.waiting.take() {
-            self.adopt(stream);
+    /// Registers `stream` on the loop (readable: to see it close, or its first message).
+    fn hold(&mut self, mut stream: UnixStream, wait: Duration, waiting: bool) {
+        let token = Token(self.next_token);
+        self.next_token = self.next_token.wrapping_add(1).max(2);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, token, Interest::READABLE)
+        {
+            log_limited!(self.refuse_log, Level::Warn, "cannot hold a client: {e}");
+            return;
+        }
+        let held = Held {
+            stream,
+            token,
+            deadline: Instant::now() + wait,
+        };
+        if waiting {
+            self.waiting.push_back(held);
+        } else {
+            self.refusing.push(held);
         }
     }
 
-    fn refuse(&mut self, stream: UnixStream) {
-        drop(stream);
-        lock(&self.instance).counters.refused_connections += 1;
+    /// A held client's socket is readable: a waiting one may have closed; a refused one may
+    /// have sent its first message.
+    fn held_ready(&mut self, token: Token) {
+        if let Some(i) = self.waiting.iter().position(|h| h.token == token) {
+            if peer_closed(&self.waiting[i].stream) {
+                self.waiting.remove(i);
+            }
+        } else if let Some(i) = self.refusing.iter().position(|h| h.token == token) {
+            if answer_busy(&self.refusing[i].stream) {
+                self.refusing.swap_remove(i);
+            }
+        }
+    }
+
+    /// Adopts the oldest waiting client once the attached one is gone; refuses those whose
+    /// grace ran out; closes refused clients that never spoke.
+    fn settle(&mut self) {
+        let now = Instant::now();
+        self.refusing.retain(|h| h.deadline > now);
+        if self.active.is_none() {
+            while let Some(h) = self.waiting.pop_front() {
+                let mut stream = h.stream;
+                let _ = self.poll.registry().deregister(&mut stream);
+                if peer_closed(&stream) {
+                    continue;
+                }
+                self.adopt(stream);
+                break;
+            }
+        }
+        while self.waiting.front().is_some_and(|h| h.deadline <= now) {
+            if let Some(h) = self.waiting.pop_front() {
+                let mut stream = h.stream;
+                let _ = self.poll.registry().deregister(&mut stream);
+                self.refuse(stream, "another client is attached");
+            }
+        }
+    }
+
+    /// Refuses a client: its first message is answered EBUSY, then it is closed.
+    fn refuse(&mut self, stream: UnixStream, why: &str) {
+        ServerStats::add(&self.stats.refused_connections, 1);
         log_limited!(
             self.refuse_log,
             Level::Warn,
-            "refused a second vfio-user client: one client at a time is served"
+            "refused a vfio-user client: {why} (one client is served at a time; its first message is answered EBUSY)"
         );
+        if answer_busy(&stream) {
+            return;
+        }
+        if self.refusing.len() < MAX_REFUSING {
+            self.hold(stream, REFUSE_WAIT, false);
+        }
     }
 
     fn adopt(&mut self, stream: UnixStream) {
@@ -284,12 +415,20 @@ impl Server {
                 let (flag, waker) = (done.clone(), self.waker.clone());
                 let instance = self.instance.clone();
                 let vram = self.vram_file.clone();
+                let stats = self.stats.clone();
+                let irqs = self.irqs.clone();
                 let log = self.error_log.take().unwrap_or_default();
                 let thread = std::thread::Builder::new()
                     .name(format!("vfio-user-{id}"))
                     .spawn(move || {
+                        let ctx = Ctx {
+                            instance: &instance,
+                            vram: &vram,
+                            stats: &stats,
+                            irqs: &irqs,
+                        };
                         let mut conn = Conn::new(stream, log);
-                        let why = match conn.run(&instance, &vram) {
+                        let why = match conn.run(&ctx) {
                             Ok(()) => "closed".to_string(),
                             Err(e) => format!("error: {e}"),
                         };
@@ -297,16 +436,10 @@ impl Server {
                             why,
                             messages: conn.session.messages,
                             dma_maps: conn.session.dma.len(),
-                            irq_fds: conn
-                                .session
-                                .irqs
-                                .iter()
-                                .flatten()
-                                .filter(|e| e.is_some())
-                                .count(),
+                            irq_fds: irqs.clear(),
                             log: std::mem::take(&mut conn.log),
                         };
-                        // Close the socket, unmap DMA regions and close eventfds before reporting.
+                        // Close the socket and unmap DMA regions before reporting.
                         drop(conn);
                         flag.store(true, Ordering::SeqCst);
                         let _ = waker.wake();
@@ -321,11 +454,8 @@ impl Server {
             });
         match spawned {
             Ok(active) => {
-                {
-                    let mut inst = lock(&self.instance);
-                    inst.counters.connections += 1;
-                    inst.client_since = Some(SystemTime::now());
-                }
+                ServerStats::add(&self.stats.connections, 1);
+                lock(&self.instance).client_since = Some(SystemTime::now());
                 info!("client connected (connection {id})");
                 self.active = Some(active);
             }
@@ -340,11 +470,33 @@ impl Server {
             .as_ref()
             .is_some_and(|a| a.done.load(Ordering::SeqCst))
         {
-            self.reap_blocking();
+            self.collect();
         }
     }
 
-    fn reap_blocking(&mut self) {
+    /// When stopping: waits a bounded time for the connection thread (its socket is shut
+    /// down), then leaves it behind rather than hang the stop.
+    fn reap_bounded(&mut self) {
+        let Some(active) = &self.active else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_WAIT;
+        while !active.done.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::park_timeout(Duration::from_millis(5));
+        }
+        if active.done.load(Ordering::SeqCst) {
+            self.collect();
+        } else {
+            warn!(
+                "connection {} did not end within {STOP_WAIT:?} of being shut down; left behind",
+                active.id
+            );
+            self.active = None;
+            lock(&self.instance).client_since = None;
+        }
+    }
+
+    fn collect(&mut self) {
         let Some(active) = self.active.take() else {
             return;
         };
@@ -365,6 +517,70 @@ impl Server {
     }
 }
 
+/// Whether the peer of a held (non-blocking) socket has closed: readable with nothing to read.
+fn peer_closed(stream: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: peeks at most one byte into a live local buffer, without blocking.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+        || (n < 0
+            && !matches!(
+                io::Error::last_os_error().raw_os_error(),
+                Some(libc::EAGAIN | libc::EINTR)
+            ))
+}
+
+/// Answers a refused client's first message with EBUSY once its header is in (without
+/// blocking). Returns true when done with it: answered, closed, or broken.
+fn answer_busy(stream: &UnixStream) -> bool {
+    let mut h = [0u8; HEADER_SIZE];
+    // SAFETY: peeks at most HEADER_SIZE bytes into a live local buffer, without blocking.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            h.as_mut_ptr().cast(),
+            h.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return !matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::EAGAIN | libc::EINTR)
+        );
+    }
+    if n == 0 {
+        return true;
+    }
+    if (n as usize) < HEADER_SIZE {
+        return false;
+    }
+    if let Some(hdr) = p::read::<Header>(&h) {
+        if !no_reply(&hdr) {
+            let reply = Header::error_reply(&hdr, libc::EBUSY);
+            let bytes = reply.as_bytes();
+            // SAFETY: sends from a live local buffer, without blocking. Best effort: a full
+            // socket or a gone peer changes nothing.
+            let _ = unsafe {
+                libc::send(
+                    stream.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+        }
+    }
+    true
+}
+
 impl Conn {
     fn new(stream: StdStream, log: RateLimit) -> Conn {
         Conn {
@@ -383,12 +599,14 @@ impl Conn {
     }
 
     /// Serves the client until it closes, the stream breaks, or it must be dropped.
-    fn run(&mut self, instance: &SharedInstance, vram: &File) -> io::Result<()> {
+    fn run(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         loop {
-            self.handle_buffered(instance, vram)?;
+            self.handle_buffered(ctx)?;
             if self.closing {
                 return Ok(());
             }
+            self.close_stray_fds(ctx.stats);
+            debug_assert!(self.pending_fds() <= MAX_FDS, "descriptors hoarded");
             if self.start == self.end {
                 self.base += self.end as u64;
                 self.start = 0;
@@ -407,25 +625,56 @@ impl Conn {
             if got.len == 0 {
                 return Ok(());
             }
-            let at = self.base + self.end as u64;
-            if !got.fds.is_empty() || got.truncated {
-                self.fd_chunks.push_back(FdChunk {
-                    start: at,
-                    end: at + got.len as u64,
-                    fds: got.fds,
-                    truncated: got.truncated,
-                });
+            self.received(got);
+        }
+    }
+
+    /// Appends one read's bytes (already in the buffer) and descriptors.
+    fn received(&mut self, got: scm::Received) {
+        let at = self.base + self.end as u64;
+        if !got.fds.is_empty() || got.truncated {
+            let refused = got.truncated || got.fds.len() > MAX_FDS;
+            self.fd_chunks.push_back(FdChunk {
+                start: at,
+                end: at + got.len as u64,
+                // More than one message may carry: closed now, the message refused.
+                fds: if refused { Vec::new() } else { got.fds },
+                refused,
+            });
+        }
+        self.end += got.len;
+    }
+
+    /// Closes descriptors that cannot belong to the message still being received: only a read
+    /// that contained that message's first byte can carry its descriptors (and it is the last
+    /// message starting in that read). Leaves at most one chunk of at most [`MAX_FDS`].
+    fn close_stray_fds(&mut self, stats: &ServerStats) {
+        let next = self.base + self.start as u64 + self.discard;
+        let mut closed = 0;
+        self.fd_chunks.retain_mut(|c| {
+            let keep = c.start <= next && next < c.end;
+            if !keep {
+                closed += c.fds.len();
             }
-            self.end += got.len;
+            keep
+        });
+        if closed > 0 {
+            ServerStats::add(&stats.stray_fds_closed, closed as u64);
+            log_limited!(
+                self.log,
+                Level::Warn,
+                "closed {closed} descriptors that belong to no message"
+            );
         }
     }
 
     /// Takes the descriptors that belong to the message at stream position `pos` of `size`
-    /// bytes; closes any that arrived for no message.
-    fn take_fds(&mut self, pos: u64, size: u64) -> (Vec<OwnedFd>, bool) {
+    /// bytes (and whether they were refused); closes any that arrived for no message.
+    fn take_fds(&mut self, pos: u64, size: u64, stats: &ServerStats) -> (Vec<OwnedFd>, bool) {
         while let Some(c) = self.fd_chunks.front() {
             if c.end <= pos {
                 let stale = self.fd_chunks.pop_front().map_or(0, |c| c.fds.len());
+                ServerStats::add(&stats.stray_fds_closed, stale as u64);
                 log_limited!(
                     self.log,
                     Level::Warn,
@@ -438,16 +687,16 @@ impl Conn {
         match self.fd_chunks.front() {
             Some(c) if c.start <= pos && pos + size >= c.end => {
                 let c = self.fd_chunks.pop_front().expect("front exists");
-                (c.fds, c.truncated)
+                (c.fds, c.refused)
             }
             _ => (Vec::new(), false),
         }
     }
 
-    /// Handles every whole message in the buffer. The instance is locked per message and never
-    /// across a send: a client that stops reading its replies blocks only its own thread, not
-    /// the instance's status, screenshots or (in a daemon) the mdev tree.
-    fn handle_buffered(&mut self, instance: &SharedInstance, vram: &File) -> io::Result<()> {
+    /// Handles every whole message in the buffer. The instance is locked only inside device
+    /// calls and never across a send: a client that stops reading its replies blocks only its
+    /// own thread, not the instance's status, screenshots or (in a daemon) the mdev tree.
+    fn handle_buffered(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         while !self.closing {
             let avail = self.end - self.start;
             if self.discard > 0 {
@@ -481,7 +730,7 @@ impl Conn {
                         "{} message of {size} bytes exceeds the {MAX_MESSAGE}-byte limit; draining it",
                         cmd::name(hdr.command.get())
                     );
-                    let _ = self.take_fds(pos, u64::from(size));
+                    let _ = self.take_fds(pos, u64::from(size), ctx.stats);
                     self.discard = u64::from(size);
                     self.send_error(&hdr, libc::E2BIG, no_reply(&hdr))?;
                     continue;
@@ -489,32 +738,21 @@ impl Conn {
                 Framed::Message(hdr, size) => (hdr, size),
             };
             let no_reply = no_reply(&hdr);
-            let (fds, truncated) = self.take_fds(pos, size as u64);
+            let (fds, refused) = self.take_fds(pos, size as u64, ctx.stats);
             self.reply.clear();
             self.reply.extend_from_slice(&[0u8; HEADER_SIZE]);
             let mut reply_fds: Vec<RawFd> = Vec::new();
             let payload = &self.buf[self.start + HEADER_SIZE..self.start + size];
-            let result = {
-                let mut inst = lock(instance);
-                let result = if truncated || fds.len() > MAX_FDS {
-                    Err(libc::EINVAL)
-                } else {
-                    self.session.handle(
-                        &hdr,
-                        payload,
-                        fds,
-                        &mut inst,
-                        vram,
-                        &mut self.reply,
-                        &mut reply_fds,
-                    )
-                };
-                inst.counters.messages += 1;
-                if result.is_err() {
-                    inst.counters.errors += 1;
-                }
-                result
+            let result = if refused {
+                Err(libc::EINVAL)
+            } else {
+                self.session
+                    .handle(&hdr, payload, fds, ctx, &mut self.reply, &mut reply_fds)
             };
+            ServerStats::add(&ctx.stats.messages, 1);
+            if result.is_err() {
+                ServerStats::add(&ctx.stats.errors, 1);
+            }
             self.start += size;
             self.session.messages += 1;
             match result {
@@ -569,6 +807,11 @@ impl Conn {
         }
         Ok(())
     }
+
+    /// Descriptors held for messages not yet acted on.
+    fn pending_fds(&self) -> usize {
+        self.fd_chunks.iter().map(|c| c.fds.len()).sum()
+    }
 }
 
 /// What the bytes at the head of a receive buffer hold.
@@ -605,15 +848,11 @@ fn no_reply(hdr: &Header) -> bool {
     hdr.flags.get() & flags::NO_REPLY != 0
 }
 
-/// Fuzz entry point: frames `data` as a stream of messages from one client and dispatches each
-/// whole one to a fresh instance, as a connection does (without descriptors). The first byte
-/// chooses whether VERSION is negotiated up front, to reach the other commands sooner. Panics
-/// only when a reply breaks the protocol's rules or the device breaks its invariants.
-#[doc(hidden)]
-pub fn fuzz_dispatch(data: &[u8]) {
+/// A fresh instance of the smallest built-in type, for the fuzz entry points.
+fn fuzz_instance() -> Option<(SharedInstance, &'static File)> {
     use std::sync::OnceLock;
     static SETUP: OnceLock<Option<(vgpu_model::VgpuType, File)>> = OnceLock::new();
-    let Some((ty, vram_file)) = SETUP
+    let (ty, vram_file) = SETUP
         .get_or_init(|| {
             let ty = vgpu_model::Catalog::builtin()
                 .ok()?
@@ -623,18 +862,33 @@ pub fn fuzz_dispatch(data: &[u8]) {
             let file = crate::memfd::memfd("fuzz-vram", ty.framebuffer).ok()?;
             Some((ty, file))
         })
-        .as_ref()
-    else {
+        .as_ref()?;
+    let vram = vgpu_model::vram::NullVram(ty.framebuffer);
+    let device = vgpu_model::Device::new(ty, &[0; 16], Box::new(vram)).ok()?;
+    let inst = Instance::from_device(device, uuid::Uuid::nil(), "fuzz".into());
+    Some((Arc::new(std::sync::Mutex::new(inst)), vram_file))
+}
+
+/// Fuzz entry point: frames `data` as a stream of messages from one client and dispatches each
+/// whole one to a fresh instance, as a connection does (without descriptors). The first byte
+/// chooses whether VERSION is negotiated up front, to reach the other commands sooner. Panics
+/// only when a reply breaks the protocol's rules or the device breaks its invariants.
+#[doc(hidden)]
+pub fn fuzz_dispatch(data: &[u8]) {
+    let Some((instance, vram_file)) = fuzz_instance() else {
         return;
     };
     let Some((&first, mut rest)) = data.split_first() else {
         return;
     };
-    let vram = vgpu_model::VecVram::new(ty.framebuffer as usize);
-    let Ok(device) = vgpu_model::Device::new(ty, &[0; 16], Box::new(vram)) else {
-        return;
+    let stats = ServerStats::default();
+    let irqs = Interrupts::new(&(0..NUM_IRQS).map(Session::irq_count).collect::<Vec<_>>());
+    let ctx = Ctx {
+        instance: &instance,
+        vram: vram_file,
+        stats: &stats,
+        irqs: &irqs,
     };
-    let mut inst = Instance::from_device(device, uuid::Uuid::nil(), "fuzz".into());
     let mut session = Session::default();
     if first & 1 == 1 {
         session.caps = Some(Caps {
@@ -648,15 +902,7 @@ pub fn fuzz_dispatch(data: &[u8]) {
         reply.extend_from_slice(&[0u8; HEADER_SIZE]);
         reply_fds.clear();
         let payload = &rest[HEADER_SIZE..size];
-        let result = session.handle(
-            &hdr,
-            payload,
-            Vec::new(),
-            &mut inst,
-            vram_file,
-            &mut reply,
-            &mut reply_fds,
-        );
+        let result = session.handle(&hdr, payload, Vec::new(), &ctx, &mut reply, &mut reply_fds);
         match result {
             Ok(()) => assert!(reply.len() <= MAX_MESSAGE, "reply of {} bytes", reply.len()),
             Err(errno) => assert_ne!(errno, 0, "error replies carry an errno"),
@@ -671,17 +917,138 @@ pub fn fuzz_dispatch(data: &[u8]) {
         }
         rest = &rest[size..];
     }
-    vgpu_model::fuzz::check_invariants(&inst.device);
+    vgpu_model::fuzz::check_invariants(&lock(&instance).device);
+}
+
+/// Fuzz entry point for the whole connection state machine: a real [`Conn`] serves one end of
+/// a socket pair while the input is sent to the other in pieces, each piece with descriptors
+/// attached, so framing across reads, descriptor attribution, refusal and draining all run as
+/// with a real client.
+///
+/// Input: records of `[fds, len_lo, len_hi, bytes...]`; `fds & 31` descriptors (more than a
+/// message may carry, sometimes) go with the piece, drawn from a sealed memfd, an unsealed memfd,
+/// an eventfd and a pipe. Panics when a reply is malformed, an error reply carries errno 0, the
+/// connection holds more than one message's descriptors, or any descriptor of the pool
+/// outlives the connection.
+#[doc(hidden)]
+pub fn fuzz_connection(data: &[u8]) {
+    use std::io::Read;
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::sync::OnceLock;
+
+    static POOL: OnceLock<Option<Vec<OwnedFd>>> = OnceLock::new();
+    let Some(pool) = POOL
+        .get_or_init(|| {
+            let sealed = crate::memfd::memfd("fuzz-conn-sealed", 1 << 16).ok()?;
+            let open = crate::memfd::memfd_unsealed("fuzz-conn-open", 1 << 16).ok()?;
+            let efd = crate::irq::new_eventfd(libc::EFD_CLOEXEC).ok()?;
+            let (r, _w) = io::pipe().ok()?;
+            Some(vec![sealed.into(), open.into(), efd, r.into()])
+        })
+        .as_ref()
+    else {
+        return;
+    };
+    // The pool's files, by identity (eventfds share one inode, so they are not counted).
+    let ids: Vec<(u64, u64)> = pool
+        .iter()
+        .filter_map(|fd| {
+            let m = File::from(fd.try_clone().ok()?).metadata().ok()?;
+            use std::os::unix::fs::MetadataExt;
+            Some((m.dev(), m.ino()))
+        })
+        .collect();
+    let pool_copies = || -> usize {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+                    .filter(|m| m.file_type().is_file() || m.file_type().is_fifo())
+                    .filter(|m| ids.contains(&(m.dev(), m.ino())))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let before = pool_copies();
+
+    let mut pieces: Vec<(Vec<RawFd>, &[u8])> = Vec::new();
+    let mut rest = data;
+    while let [fds, lo, hi, tail @ ..] = rest {
+        let len = (usize::from(*hi) << 8 | usize::from(*lo)).min(tail.len());
+        let (bytes, next) = tail.split_at(len);
+        let n = usize::from(fds & 31);
+        let fds = (0..n)
+            .map(|i| pool[(usize::from(*fds >> 5) + i) % pool.len()].as_raw_fd())
+            .collect();
+        if !bytes.is_empty() {
+            pieces.push((fds, bytes));
+        }
+        rest = next;
+    }
+
+    let Some((instance, vram_file)) = fuzz_instance() else {
+        return;
+    };
+    let Ok((ours, theirs)) = StdStream::pair() else {
+        return;
+    };
+    let (Ok(writer), Ok(mut reader)) = (theirs.try_clone(), theirs.try_clone()) else {
+        return;
+    };
+    drop(theirs);
+    let stats = ServerStats::default();
+    let irqs = Interrupts::new(&(0..NUM_IRQS).map(Session::irq_count).collect::<Vec<_>>());
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for (fds, bytes) in &pieces {
+                let mut sent = 0;
+                let mut fds = &fds[..];
+                while sent < bytes.len() {
+                    match scm::send_fds_unlimited(writer.as_fd().as_raw_fd(), &bytes[sent..], fds) {
+                        Ok(n) => {
+                            sent += n;
+                            fds = &[];
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+        });
+        scope.spawn(move || {
+            // Every reply: a header of a sane size; an error reply carries an errno.
+            let mut stream = Vec::new();
+            let _ = reader.read_to_end(&mut stream);
+            let mut at = &stream[..];
+            while let Some(hdr) = p::read::<Header>(at) {
+                let size = hdr.size.get() as usize;
+                assert!(size >= HEADER_SIZE && size <= MAX_MESSAGE, "reply size {size}");
+                assert_eq!(hdr.flags.get() & flags::TYPE_MASK, flags::TYPE_REPLY);
+                if hdr.flags.get() & flags::ERROR != 0 {
+                    assert_ne!(hdr.error.get(), 0, "an error reply without errno");
+                }
+                at = at.get(size..).unwrap_or_default();
+            }
+        });
+        let ctx = Ctx {
+            instance: &instance,
+            vram: vram_file,
+            stats: &stats,
+            irqs: &irqs,
+        };
+        let mut conn = Conn::new(ours, RateLimit::new(0, Duration::from_secs(3600)));
+        let _ = conn.run(&ctx);
+        irqs.clear();
+        drop(conn);
+    });
+    assert_eq!(pool_copies(), before, "a descriptor outlived its connection");
+    vgpu_model::fuzz::check_invariants(&lock(&instance).device);
 }
 
 /// Appends a zerocopy struct to a reply.
 fn put<T: IntoBytes + zerocopy::Immutable>(reply: &mut Vec<u8>, v: &T) {
     reply.extend_from_slice(v.as_bytes());
-}
-
-fn is_eventfd(fd: &OwnedFd) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]")
 }
 
 impl Session {
@@ -696,14 +1063,13 @@ impl Session {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Acts on one message. The instance lock is taken only around device-model calls.
     fn handle(
         &mut self,
         hdr: &Header,
         payload: &[u8],
         fds: Vec<OwnedFd>,
-        inst: &mut Instance,
-        vram: &File,
+        ctx: &Ctx<'_>,
         reply: &mut Vec<u8>,
         reply_fds: &mut Vec<RawFd>,
     ) -> Result<(), i32> {
@@ -739,13 +1105,22 @@ impl Session {
                 if m.flags.get() & !prot_bits != 0 {
                     return Err(libc::EINVAL);
                 }
-                self.dma.map(
+                let mapped = self.dma.map(
                     m.addr.get(),
                     m.size.get(),
                     m.offset.get(),
                     m.flags.get(),
                     fds.into_iter().next(),
                 )?;
+                if mapped == Mapped::NotSealed {
+                    log_limited!(
+                        self.noisy,
+                        Level::Info,
+                        "DMA region {:#x}+{:#x} comes with a file that can shrink (no F_SEAL_SHRINK): not mapped; reachable only through DMA messages",
+                        m.addr.get(),
+                        m.size.get()
+                    );
+                }
                 debug!(
                     "DMA map {:#x}+{:#x} ({} regions)",
                     m.addr.get(),
@@ -799,7 +1174,14 @@ impl Session {
                 );
                 Ok(())
             }
-            cmd::DEVICE_GET_REGION_INFO => region_info(payload, inst, vram, reply, reply_fds),
+            cmd::DEVICE_GET_REGION_INFO => {
+                let req: p::RegionInfo = p::read(payload).ok_or(libc::EINVAL)?;
+                let info = lock(ctx.instance)
+                    .device
+                    .region_info(req.index.get())
+                    .ok_or(libc::EINVAL)?;
+                region_info(&req, &info, ctx.vram, reply, reply_fds)
+            }
             cmd::DEVICE_GET_IRQ_INFO => {
                 let i: p::IrqInfo = p::read(payload).ok_or(libc::EINVAL)?;
                 let index = i.index.get();
@@ -823,7 +1205,7 @@ impl Session {
                 );
                 Ok(())
             }
-            cmd::DEVICE_SET_IRQS => self.set_irqs(payload, fds),
+            cmd::DEVICE_SET_IRQS => self.set_irqs(payload, fds, ctx.irqs),
             cmd::REGION_READ => {
                 let a: p::RegionAccess = p::read(payload).ok_or(libc::EINVAL)?;
                 if payload.len() != size_of::<p::RegionAccess>() || a.count.get() > caps.max_xfer {
@@ -832,10 +1214,11 @@ impl Session {
                 put(reply, &a);
                 let at = reply.len();
                 reply.resize(at + a.count.get() as usize, 0);
-                if let Err(e) = inst
-                    .device
-                    .read(a.region.get(), a.offset.get(), &mut reply[at..])
-                {
+                let read =
+                    lock(ctx.instance)
+                        .device
+                        .read(a.region.get(), a.offset.get(), &mut reply[at..]);
+                if let Err(e) = read {
                     trace!("{e}");
                     return Err(libc::EINVAL);
                 }
@@ -847,7 +1230,10 @@ impl Session {
                 if data.len() != a.count.get() as usize || a.count.get() > caps.max_xfer {
                     return Err(libc::EINVAL);
                 }
-                if let Err(e) = inst.device.write(a.region.get(), a.offset.get(), data) {
+                let written = lock(ctx.instance)
+                    .device
+                    .write(a.region.get(), a.offset.get(), data);
+                if let Err(e) = written {
                     trace!("{e}");
                     return Err(libc::EINVAL);
                 }
@@ -873,6 +1259,13 @@ impl Session {
                 {
                     return Err(libc::EINVAL);
                 }
+                // All or nothing: every entry is checked before any is applied.
+                let mut inst = lock(ctx.instance);
+                for w in &entries {
+                    inst.device
+                        .validate(w.region.get(), w.offset.get(), w.count.get() as usize)
+                        .map_err(|_| libc::EINVAL)?;
+                }
                 for w in &entries {
                     let data = &w.data[..w.count.get() as usize];
                     inst.device
@@ -882,8 +1275,8 @@ impl Session {
                 Ok(())
             }
             cmd::DEVICE_RESET => {
-                inst.device.reset();
-                info!("device reset by the client");
+                lock(ctx.instance).device.reset();
+                log_limited!(self.noisy, Level::Info, "device reset by the client");
                 Ok(())
             }
             _ => Err(libc::ENOSYS),
@@ -961,7 +1354,7 @@ impl Session {
         Ok(())
     }
 
-    fn set_irqs(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<(), i32> {
+    fn set_irqs(&mut self, payload: &[u8], fds: Vec<OwnedFd>, irqs: &Interrupts) -> Result<(), i32> {
         let s: p::IrqSet = p::read(payload).ok_or(libc::EINVAL)?;
         let (fl, index, start, count) =
             (s.flags.get(), s.index.get(), s.start.get(), s.count.get());
@@ -977,22 +1370,16 @@ impl Session {
         if data != vb::VFIO_IRQ_SET_DATA_EVENTFD && !fds.is_empty() {
             return Err(libc::EINVAL);
         }
-        if self.irqs.is_empty() {
-            self.irqs = (0..NUM_IRQS)
-                .map(|i| (0..Self::irq_count(i)).map(|_| None).collect())
-                .collect();
-        }
-        let vectors = &mut self.irqs[index as usize];
         if data == vb::VFIO_IRQ_SET_DATA_NONE
             && action == vb::VFIO_IRQ_SET_ACTION_TRIGGER
             && count == 0
         {
             // Disable the whole index.
-            vectors.iter_mut().for_each(|v| *v = None);
+            irqs.disable(index);
             return Ok(());
         }
         let end = start.checked_add(count).ok_or(libc::EINVAL)?;
-        if count == 0 || end as usize > vectors.len() {
+        if count == 0 || end as usize > irqs.count(index) {
             return Err(libc::EINVAL);
         }
         // No index here is maskable.
@@ -1004,21 +1391,22 @@ impl Session {
             vb::VFIO_IRQ_SET_DATA_EVENTFD => {
                 if fds.is_empty() {
                     // A chunk without descriptors de-assigns.
-                    vectors[range].iter_mut().for_each(|v| *v = None);
+                    irqs.assign(index, range.start, range.map(|_| None).collect());
                 } else if fds.len() == count as usize {
-                    if !fds.iter().all(is_eventfd) {
-                        return Err(libc::EINVAL);
-                    }
-                    for (slot, fd) in vectors[range].iter_mut().zip(fds) {
-                        *slot = Some(fd);
-                    }
+                    let adopted = fds
+                        .into_iter()
+                        .map(|fd| EventFd::adopt(fd).map(Some))
+                        .collect::<Result<Vec<_>, i32>>()?;
+                    irqs.assign(index, range.start, adopted);
                 } else {
                     return Err(libc::EINVAL);
                 }
                 Ok(())
             }
             vb::VFIO_IRQ_SET_DATA_NONE => {
-                vectors[range].iter().flatten().for_each(signal);
+                for v in range {
+                    irqs.signal(index, v);
+                }
                 Ok(())
             }
             vb::VFIO_IRQ_SET_DATA_BOOL => {
@@ -1026,11 +1414,9 @@ impl Session {
                 if bools.len() < count as usize {
                     return Err(libc::EINVAL);
                 }
-                for (v, &b) in vectors[range].iter().zip(bools) {
+                for (v, &b) in range.zip(bools) {
                     if b != 0 {
-                        if let Some(fd) = v {
-                            signal(fd);
-                        }
+                        irqs.signal(index, v);
                     }
                 }
                 Ok(())
@@ -1040,33 +1426,17 @@ impl Session {
     }
 }
 
-/// Raises an interrupt: adds 1 to the eventfd.
-fn signal(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local buffer to a descriptor we own (checked to be an
-    // eventfd when assigned).
-    let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-    if n != 8 {
-        debug!("eventfd write failed: {}", io::Error::last_os_error());
-    }
-}
-
 fn region_info(
-    payload: &[u8],
-    inst: &Instance,
+    req: &p::RegionInfo,
+    info: &vgpu_model::RegionInfo,
     vram: &File,
     reply: &mut Vec<u8>,
     reply_fds: &mut Vec<RawFd>,
 ) -> Result<(), i32> {
-    let req: p::RegionInfo = p::read(payload).ok_or(libc::EINVAL)?;
     let argsz = req.argsz.get() as usize;
     if argsz < size_of::<p::RegionInfo>() {
         return Err(libc::EINVAL);
     }
-    let info = inst
-        .device
-        .region_info(req.index.get())
-        .ok_or(libc::EINVAL)?;
     let mut fl = 0;
     if info.size > 0 {
         if info.flags.read {

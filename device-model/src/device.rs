@@ -212,25 +212,31 @@ impl Device {
             .collect()
     }
 
-    fn check(&mut self, region: u32, offset: u64, len: usize) -> Result<BarTarget, AccessError> {
+    /// Checks that an access of `len` bytes at `offset` lies inside `region`, without side
+    /// effects: a batch (REGION_WRITE_MULTI) is validated whole before any of it applies.
+    pub fn validate(&self, region: u32, offset: u64, len: usize) -> Result<(), AccessError> {
         let size = match self.region_info(region) {
             Some(r) if r.size > 0 => r.size,
-            _ => {
-                self.counters.refused += 1;
-                return Err(AccessError::NoSuchRegion(region));
-            }
+            _ => return Err(AccessError::NoSuchRegion(region)),
         };
         let inside = offset
             .checked_add(len as u64)
             .is_some_and(|end| end <= size);
         if !inside {
-            self.counters.refused += 1;
             return Err(AccessError::OutOfRange {
                 region,
                 offset,
                 len,
                 size,
             });
+        }
+        Ok(())
+    }
+
+    fn check(&mut self, region: u32, offset: u64, len: usize) -> Result<BarTarget, AccessError> {
+        if let Err(e) = self.validate(region, offset, len) {
+            self.counters.refused += 1;
+            return Err(e);
         }
         Ok(if region == CONFIG_REGION {
             BarTarget::Config

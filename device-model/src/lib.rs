@@ -28,4 +28,4 @@ pub use catalog::{Catalog, CatalogError, LookupError, Personality, Resolution, V
 pub use device::{AccessError, Device, DeviceError, DeviceState, RegionInfo};
 pub use fingerprint::{fingerprint, Fingerprint};
 pub use scanout::{Frame, NotDisplaying, PixelFormat, Scanout};
-pub use vram::{VecVram, Vram};
+pub use vram::{VecVram, Vram, VramRead};

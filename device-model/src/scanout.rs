@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::vram::Vram;
+use crate::vram::VramRead;
 
 /// Pixel layout of a scanout in VRAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -135,7 +135,7 @@ impl Frame {
     /// Copies the scanout's visible rows out of VRAM. The scanout invariant guarantees every
     /// row lies inside VRAM; a row that does not (a backing smaller than claimed) is left black
     /// rather than read.
-    pub fn capture(scanout: &Scanout, vram: &dyn Vram) -> Frame {
+    pub fn capture<V: VramRead + ?Sized>(scanout: &Scanout, vram: &V) -> Frame {
         let row = scanout.width as usize * scanout.format.bytes_per_pixel() as usize;
         let mut data = vec![0u8; row * scanout.height as usize];
         if scanout.stride as usize == row {
@@ -189,7 +189,7 @@ impl Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vram::VecVram;
+    use crate::vram::{VecVram, Vram};
 
     #[test]
     fn capture_skips_stride_padding_and_converts() {

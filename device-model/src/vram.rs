@@ -3,16 +3,24 @@
 
 use std::fmt;
 
-/// Byte-addressable video memory of a fixed size.
+/// Read access to VRAM: what copying a frame out needs. A server can offer it on a second
+/// handle (a read-only view of shared memory), so frames are copied without holding the device.
 ///
-/// Callers (the device model) check every range against [`Vram::size`] before calling; an
-/// implementation must still never touch memory outside its backing: out-of-range parts of a
-/// read are filled with zeros and of a write are dropped.
-pub trait Vram: Send + fmt::Debug {
+/// An implementation must never touch memory outside its backing: out-of-range parts of a read
+/// are filled with zeros.
+pub trait VramRead {
     /// Size in bytes.
     fn size(&self) -> u64;
     /// Copies VRAM at `offset` into `dst`.
     fn read(&self, offset: u64, dst: &mut [u8]);
+}
+
+/// Byte-addressable video memory of a fixed size.
+///
+/// Callers (the device model) check every range against [`VramRead::size`] before calling; an
+/// implementation must still never touch memory outside its backing: out-of-range parts of a
+/// read are filled with zeros and of a write are dropped.
+pub trait Vram: VramRead + Send + fmt::Debug {
     /// Copies `src` into VRAM at `offset`.
     fn write(&mut self, offset: u64, src: &[u8]);
 }
@@ -44,13 +52,16 @@ impl fmt::Debug for VecVram {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NullVram(pub u64);
 
-impl Vram for NullVram {
+impl VramRead for NullVram {
     fn size(&self) -> u64 {
         self.0
     }
     fn read(&self, _offset: u64, dst: &mut [u8]) {
         dst.fill(0);
     }
+}
+
+impl Vram for NullVram {
     fn write(&mut self, _offset: u64, _src: &[u8]) {}
 }
 
@@ -64,7 +75,7 @@ pub fn clamp_range(size: u64, offset: u64, len: usize) -> Option<std::ops::Range
     Some(start..start.saturating_add(len).min(size))
 }
 
-impl Vram for VecVram {
+impl VramRead for VecVram {
     fn size(&self) -> u64 {
         self.0.len() as u64
     }
@@ -80,7 +91,9 @@ impl Vram for VecVram {
         };
         dst[n..].fill(0);
     }
+}
 
+impl Vram for VecVram {
     fn write(&mut self, offset: u64, src: &[u8]) {
         if let Some(r) = clamp_range(self.size(), offset, src.len()) {
             let n = r.len();
