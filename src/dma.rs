@@ -180,7 +180,10 @@ mod tests {
         let mut m = DmaMaps::default();
         let f = memfd_unsealed("ram", 0x2000).unwrap();
         let client = f.try_clone().unwrap();
-        assert_eq!(m.map(0, 0x2000, 0, 3, Some(f.into())), Ok(Mapped::NotSealed));
+        assert_eq!(
+            m.map(0, 0x2000, 0, 3, Some(f.into())),
+            Ok(Mapped::NotSealed)
+        );
         assert_eq!(m.len(), 1, "recorded, as an fd-less region");
         assert_eq!(m.mapped_bytes(), 0);
         // The client truncating its file now cannot hurt us.

@@ -145,7 +145,12 @@ impl Interrupts {
 
     /// De-assigns everything (the client left).
     pub fn clear(&self) -> usize {
-        let old: Vec<Arc<EventFd>> = self.lock().iter_mut().flatten().filter_map(Option::take).collect();
+        let old: Vec<Arc<EventFd>> = self
+            .lock()
+            .iter_mut()
+            .flatten()
+            .filter_map(Option::take)
+            .collect();
         old.len()
     }
 

@@ -578,6 +578,23 @@ fn answer_busy(stream: &UnixStream) -> bool {
             };
         }
     }
+    // Consume what it sent (a bounded amount), so that closing reads as a clean end of stream
+    // rather than a reset.
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        // SAFETY: reads into a live local buffer, without blocking.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                sink.as_mut_ptr().cast(),
+                sink.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+    }
     true
 }
 
@@ -927,7 +944,7 @@ pub fn fuzz_dispatch(data: &[u8]) {
 ///
 /// Input: records of `[fds, len_lo, len_hi, bytes...]`; `fds & 31` descriptors (more than a
 /// message may carry, sometimes) go with the piece, drawn from a sealed memfd, an unsealed memfd,
-/// an eventfd and a pipe. Panics when a reply is malformed, an error reply carries errno 0, the
+/// an eventfd and a socket. Panics when a reply is malformed, an error reply carries errno 0, the
 /// connection holds more than one message's descriptors, or any descriptor of the pool
 /// outlives the connection.
 #[doc(hidden)]
@@ -942,8 +959,8 @@ pub fn fuzz_connection(data: &[u8]) {
             let sealed = crate::memfd::memfd("fuzz-conn-sealed", 1 << 16).ok()?;
             let open = crate::memfd::memfd_unsealed("fuzz-conn-open", 1 << 16).ok()?;
             let efd = crate::irq::new_eventfd(libc::EFD_CLOEXEC).ok()?;
-            let (r, _w) = io::pipe().ok()?;
-            Some(vec![sealed.into(), open.into(), efd, r.into()])
+            let (sock, _) = StdStream::pair().ok()?;
+            Some(vec![sealed.into(), open.into(), efd, sock.into()])
         })
         .as_ref()
     else {
@@ -963,7 +980,7 @@ pub fn fuzz_connection(data: &[u8]) {
         std::fs::read_dir("/proc/self/fd")
             .map(|d| {
                 d.filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
-                    .filter(|m| m.file_type().is_file() || m.file_type().is_fifo())
+                    .filter(|m| m.file_type().is_file() || m.file_type().is_socket())
                     .filter(|m| ids.contains(&(m.dev(), m.ino())))
                     .count()
             })
@@ -1023,7 +1040,10 @@ pub fn fuzz_connection(data: &[u8]) {
             let mut at = &stream[..];
             while let Some(hdr) = p::read::<Header>(at) {
                 let size = hdr.size.get() as usize;
-                assert!(size >= HEADER_SIZE && size <= MAX_MESSAGE, "reply size {size}");
+                assert!(
+                    (HEADER_SIZE..=MAX_MESSAGE).contains(&size),
+                    "reply size {size}"
+                );
                 assert_eq!(hdr.flags.get() & flags::TYPE_MASK, flags::TYPE_REPLY);
                 if hdr.flags.get() & flags::ERROR != 0 {
                     assert_ne!(hdr.error.get(), 0, "an error reply without errno");
@@ -1042,7 +1062,11 @@ pub fn fuzz_connection(data: &[u8]) {
         irqs.clear();
         drop(conn);
     });
-    assert_eq!(pool_copies(), before, "a descriptor outlived its connection");
+    assert_eq!(
+        pool_copies(),
+        before,
+        "a descriptor outlived its connection"
+    );
     vgpu_model::fuzz::check_invariants(&lock(&instance).device);
 }
 
@@ -1214,10 +1238,11 @@ impl Session {
                 put(reply, &a);
                 let at = reply.len();
                 reply.resize(at + a.count.get() as usize, 0);
-                let read =
-                    lock(ctx.instance)
-                        .device
-                        .read(a.region.get(), a.offset.get(), &mut reply[at..]);
+                let read = lock(ctx.instance).device.read(
+                    a.region.get(),
+                    a.offset.get(),
+                    &mut reply[at..],
+                );
                 if let Err(e) = read {
                     trace!("{e}");
                     return Err(libc::EINVAL);
@@ -1354,7 +1379,12 @@ impl Session {
         Ok(())
     }
 
-    fn set_irqs(&mut self, payload: &[u8], fds: Vec<OwnedFd>, irqs: &Interrupts) -> Result<(), i32> {
+    fn set_irqs(
+        &mut self,
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+        irqs: &Interrupts,
+    ) -> Result<(), i32> {
         let s: p::IrqSet = p::read(payload).ok_or(libc::EINVAL)?;
         let (fl, index, start, count) =
             (s.flags.get(), s.index.get(), s.start.get(), s.count.get());

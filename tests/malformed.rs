@@ -553,3 +553,284 @@ fn a_client_that_stops_reading_stalls_only_itself() {
     assert!(served.screenshot().unwrap_err().contains("not displaying"));
     drop(p);
 }
+
+// ---- A hostile client (each of these once broke, stalled or grew the server).
+
+/// Reads one reply together with the descriptors that came with it.
+fn read_reply_with_fds(p: &mut Peer) -> (Reply, Vec<std::os::fd::OwnedFd>) {
+    let mut buf = vec![0u8; 4096];
+    let mut have = 0;
+    let mut fds = Vec::new();
+    loop {
+        let got = vgpu_emu::scm::recv_with_fds(p.stream.as_raw_fd(), &mut buf[have..]).unwrap();
+        assert!(got.len > 0, "server closed");
+        fds.extend(got.fds);
+        have += got.len;
+        if have >= 16 {
+            let size = u32::from_le_bytes(buf[4..8].try_into().unwrap()) as usize;
+            if have >= size {
+                let r = Reply {
+                    id: u16::from_le_bytes([buf[0], buf[1]]),
+                    command: u16::from_le_bytes([buf[2], buf[3]]),
+                    flags: u32::from_le_bytes(buf[8..12].try_into().unwrap()),
+                    errno: u32::from_le_bytes(buf[12..16].try_into().unwrap()),
+                    payload: buf[16..size].to_vec(),
+                };
+                return (r, fds);
+            }
+        }
+    }
+}
+
+/// The VRAM fd handed out with region 0's info cannot be truncated or grown: a client that
+/// shrank it once made the next VRAM read (or screenshot) kill the server with SIGBUS.
+#[test]
+fn a_client_cannot_resize_the_vram_it_was_handed() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    let mut q = 64u32.to_le_bytes().to_vec();
+    q.extend_from_slice(&[0; 28]);
+    p.send_raw(&message(77, GET_REGION_INFO, 0, &q));
+    let (r, fds) = read_reply_with_fds(&mut p);
+    assert!(!r.is_error(), "{r:?}");
+    assert_eq!(
+        fds.len(),
+        1,
+        "the VRAM fd comes with the sparse-mmap capability"
+    );
+    let vram = std::fs::File::from(fds.into_iter().next().unwrap());
+    let e = vram.set_len(0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "shrinking is sealed");
+    assert!(vram.set_len(1 << 30).is_err(), "growing is sealed");
+    // VRAM is still whole: a read at its last byte works, and the server lives.
+    let r = p.call(REGION_READ, &region_access(0, (16 << 20) - 4, 4));
+    assert!(!r.is_error(), "{r:?}");
+    served.assert_alive();
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+/// A guest-RAM file the client could truncate is recorded but never mapped, so truncating it
+/// afterwards cannot raise SIGBUS in the server; a sealed one (QEMU's memfd backend) is mapped.
+#[test]
+fn only_guest_ram_that_cannot_shrink_is_mapped() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    let open = vgpu_emu::memfd::memfd_unsealed("open-guest-ram", 1 << 20).unwrap();
+    let sealed = vgpu_emu::memfd::memfd("sealed-guest-ram", 1 << 20).unwrap();
+    let r = p.call_fds(DMA_MAP, &dma_map(0, 1 << 20, 0), &[open.as_raw_fd()]);
+    assert!(
+        !r.is_error(),
+        "an unsealed file is accepted, unmapped: {r:?}"
+    );
+    let r = p.call_fds(
+        DMA_MAP,
+        &dma_map(1 << 20, 1 << 20, 0),
+        &[sealed.as_raw_fd()],
+    );
+    assert!(!r.is_error(), "{r:?}");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", served.pid())).unwrap();
+    assert!(
+        maps.contains("sealed-guest-ram"),
+        "the sealed file is mapped"
+    );
+    assert!(!maps.contains("open-guest-ram"), "the unsealed file is not");
+    open.set_len(0).unwrap();
+    assert_eq!(p.dispi(0), 0xb0c5);
+    served.assert_alive();
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+/// An interrupt eventfd whose counter the client pushed to just below overflow (with
+/// O_NONBLOCK cleared on the shared file) once made the server's write block under the instance
+/// lock: status hung, and SIGTERM could not stop `serve`.
+#[test]
+fn an_eventfd_at_the_brink_of_overflow_stalls_nothing() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    let efd = eventfd();
+    let r = p.call_fds(
+        SET_IRQS,
+        &irq_set(EVENTFD_TRIGGER, ERR_IRQ, 0, 1),
+        &[efd.as_raw_fd()],
+    );
+    assert!(!r.is_error(), "{r:?}");
+    let brink = (u64::MAX - 1).to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to our eventfd; F_SETFL with an int argument.
+    unsafe {
+        assert_eq!(libc::write(efd.as_raw_fd(), brink.as_ptr().cast(), 8), 8);
+        assert_eq!(libc::fcntl(efd.as_raw_fd(), libc::F_SETFL, 0), 0);
+    }
+    // The server is asked to trigger it: the interrupt is pending already, and it answers.
+    p.stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let r = p.call(SET_IRQS, &irq_set(NONE_TRIGGER, ERR_IRQ, 0, 1));
+    assert!(!r.is_error(), "{r:?}");
+    assert_eq!(p.dispi(0), 0xb0c5);
+    assert_eq!(served.status()["client_connected"], true);
+    // The counter was not touched and the server still stops on SIGTERM.
+    // SAFETY: sends SIGTERM to our own child.
+    unsafe { libc::kill(served.pid() as i32, libc::SIGTERM) };
+    wait_until(Duration::from_secs(5), "serve to stop on SIGTERM", || {
+        served.child.try_wait().unwrap().is_some()
+    });
+}
+
+/// Announcing a large message and trickling one byte at a time with 16 descriptors each once
+/// took the server from 16 to 3216 open fds. Descriptors that cannot belong to the message are
+/// closed as they arrive.
+#[test]
+fn trickled_descriptors_are_closed_as_they_arrive() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    assert_eq!(p.dispi(0), 0xb0c5);
+    let baseline = served.fd_count();
+    let efd = eventfd();
+    let fds = [efd.as_raw_fd(); 16];
+    // An unknown command of 16 + 400 bytes: its header, then 400 single bytes.
+    let body = vec![0u8; 400];
+    let m = message(5, 0x7f, 0, &body);
+    p.send_raw(&m[..16]);
+    for b in &m[16..m.len() - 1] {
+        p.send_with_fds(std::slice::from_ref(b), &fds);
+    }
+    wait_until(Duration::from_secs(10), "the trickle to be read", || {
+        served.status()["server"]["stray_fds_closed"]
+            .as_u64()
+            .unwrap()
+            >= 398 * 16
+    });
+    let held = served.fd_count();
+    assert!(
+        held <= baseline + 16 + 2,
+        "{held} fds open, baseline {baseline}: descriptors are hoarded"
+    );
+    // The last byte completes the message: answered in sync, and the stream goes on. (If the
+    // header and the first trickled byte came in one read, its descriptors count as the
+    // message's, which takes none: EINVAL; otherwise the unknown command is ENOSYS.)
+    p.send_raw(&m[m.len() - 1..]);
+    let r = p.read_reply();
+    assert_eq!(r.id, 5);
+    assert!(
+        r.is_error() && [libc::ENOSYS as u32, libc::EINVAL as u32].contains(&r.errno),
+        "{r:?}"
+    );
+    assert_eq!(p.dispi(0), 0xb0c5);
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+/// A VMM that probes and reconnects in a loop, every second connection negotiating, was
+/// refused within ~20 cycles although no client stayed attached.
+#[test]
+fn a_reconnect_loop_is_never_refused() {
+    let mut served = Served::start("EMU-16M");
+    for i in 0..200 {
+        if i % 2 == 0 {
+            let p = Peer::negotiated(&served.socket);
+            p.stream.shutdown(std::net::Shutdown::Both).unwrap();
+        } else {
+            drop(Peer::connect(&served.socket));
+        }
+    }
+    fresh_client_works(&mut served);
+    assert_eq!(served.status()["server"]["refused_connections"], 0);
+}
+
+/// A second client (a second QEMU on a busy socket) gets an answer to its first message,
+/// EBUSY, instead of a closed socket that QEMU turns into an assertion failure.
+#[test]
+fn a_refused_client_is_answered_ebusy() {
+    let mut served = Served::start_logged("EMU-16M");
+    let mut first = Peer::negotiated(&served.socket);
+    let mut second = Peer::connect(&served.socket);
+    let mut json = QEMU_CAPS.as_bytes().to_vec();
+    json.push(0);
+    second.send_raw(&message(1, VERSION, 0, &version_payload(&json)));
+    let r = second.read_reply();
+    assert_eq!((r.id, r.errno, r.is_error()), (1, libc::EBUSY as u32, true));
+    assert!(second.closed_by_server());
+    assert_eq!(first.dispi(0), 0xb0c5, "the first is undisturbed");
+    assert_eq!(served.status()["server"]["refused_connections"], 1);
+    assert!(
+        served.log().contains("another client is attached"),
+        "the log says why: {}",
+        served.log()
+    );
+    drop(first);
+    fresh_client_works(&mut served);
+}
+
+/// Clients that give up while waiting do not take the places of those that come later.
+#[test]
+fn clients_that_close_while_waiting_make_room() {
+    let mut served = Served::start("EMU-16M");
+    let first = Peer::negotiated(&served.socket);
+    for _ in 0..20 {
+        drop(Peer::connect(&served.socket));
+    }
+    let mut last = Peer::connect(&served.socket);
+    drop(first);
+    let mut json = QEMU_CAPS.as_bytes().to_vec();
+    json.push(0);
+    let r = last.call(VERSION, &version_payload(&json));
+    assert!(!r.is_error(), "{r:?}");
+    assert_eq!(last.dispi(0), 0xb0c5);
+    assert_eq!(served.status()["server"]["refused_connections"], 0);
+    drop(last);
+    served.assert_alive();
+}
+
+/// 1000 DEVICE_RESETs once wrote 1000 log lines.
+#[test]
+fn what_a_guest_repeats_is_logged_rate_limited() {
+    let mut served = Served::start_logged("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    for _ in 0..1000 {
+        assert!(!p.call(RESET, &[]).is_error());
+    }
+    let log = served.log();
+    let lines = log.lines().filter(|l| l.contains("device reset")).count();
+    assert!(
+        (1..=12).contains(&lines),
+        "{lines} reset lines for 1000 resets"
+    );
+    assert_eq!(
+        served.status()["accesses"]["resets"].as_u64().unwrap(),
+        1000
+    );
+    drop(p);
+    fresh_client_works(&mut served);
+}
+
+/// REGION_WRITE_MULTI applies all of its entries or none: a bad entry anywhere refuses the
+/// whole message (it once applied the entries before the bad one).
+#[test]
+fn write_multi_is_all_or_nothing() {
+    let mut served = Served::start("EMU-16M");
+    let mut p = Peer::negotiated(&served.socket);
+    let entry = |region: u32, offset: u64, value: u16| {
+        let mut e = offset.to_le_bytes().to_vec();
+        e.extend_from_slice(&region.to_le_bytes());
+        e.extend_from_slice(&2u32.to_le_bytes());
+        let mut data = [0u8; 8];
+        data[..2].copy_from_slice(&value.to_le_bytes());
+        e.extend_from_slice(&data);
+        e
+    };
+    let xres = p.dispi(1);
+    let mut m = 2u64.to_le_bytes().to_vec();
+    m.extend(entry(2, 0x502, 640));
+    m.extend(entry(2, 0x1000, 1)); // past the 4 KiB register BAR
+    p.expect_errno(15, &m, &[], libc::EINVAL);
+    assert_eq!(p.dispi(1), xres, "the first entry was not applied");
+    let mut m = 2u64.to_le_bytes().to_vec();
+    m.extend(entry(2, 0x502, 640));
+    m.extend(entry(2, 0x504, 480));
+    assert!(!p.call(15, &m).is_error());
+    assert_eq!((p.dispi(1), p.dispi(2)), (640, 480));
+    drop(p);
+    fresh_client_works(&mut served);
+}

@@ -66,18 +66,37 @@ pub struct Served {
 impl Served {
     /// Starts `vgpu-emu serve --type TYPE` on a fresh socket and waits until it listens.
     pub fn start(ty: &str) -> Served {
+        Served::start_with(ty, None)
+    }
+
+    /// Like [`Served::start`], with the server's log at `info` written to [`Served::log`].
+    pub fn start_logged(ty: &str) -> Served {
+        Served::start_with(ty, Some("info"))
+    }
+
+    /// The server's log (with [`Served::start_logged`]).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn start_with(ty: &str, log: Option<&str>) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vgpu.sock");
+        let level = match log {
+            Some(level) => level.to_string(),
+            None => std::env::var("VGPU_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        };
+        let stderr = match log {
+            Some(_) => Stdio::from(std::fs::File::create(dir.path().join("server.log")).unwrap()),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(BIN)
             .args(["serve", "--type", ty, "--socket"])
             .arg(&socket)
-            .env(
-                "RUST_LOG",
-                std::env::var("VGPU_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn vgpu-emu");
         let ctl = ctl_path(&socket);
