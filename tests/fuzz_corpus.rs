@@ -48,3 +48,11 @@ fn register_corpus_replays() {
     }
     assert!(displaying > 0, "the corpus reaches a displaying mode");
 }
+
+#[test]
+fn connection_corpus_replays() {
+    for (name, data) in corpus("connection") {
+        let r = std::panic::catch_unwind(|| vgpu_emu::server::fuzz_connection(&data));
+        assert!(r.is_ok(), "{name} fails");
+    }
+}
