@@ -145,13 +145,13 @@ pub fn check_invariants(dev: &Device) -> bool {
             )
         });
         let want = if head == 0 { expected } else { None };
-        assert_eq!(got, want, "head {head}: scanout differs from the registers' rule");
+        assert_eq!(
+            got, want,
+            "head {head}: scanout differs from the registers' rule"
+        );
         if let Some((_, _, w, h, bpp)) = got {
             let frame = dev.capture(head).expect("a displayable head captures");
-            assert_eq!(
-                frame.data.len() as u64,
-                u64::from(w) * u64::from(h) * bpp
-            );
+            assert_eq!(frame.data.len() as u64, u64::from(w) * u64::from(h) * bpp);
             displaying = true;
         }
     }
