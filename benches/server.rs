@@ -9,6 +9,9 @@
 //! 3. Screenshot of a 1920x1080 XRGB8888 head: capture vs a plain memcpy of the same bytes, and
 //!    PNG encode time.
 //! 4. Resident memory of an idle instance of the largest bochs type vs its VRAM size.
+//! 5. Register read latency (p50, p99, worst) while screenshots of a 3840x2160 head are taken
+//!    in a loop, against the same latencies with no screenshot running, and the time to copy
+//!    one such frame: a frame copy held under the instance lock would show up in the worst case.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -342,6 +345,115 @@ fn idle_memory(dir: &Path) {
     );
 }
 
+/// Negotiates on a raw vfio-user socket.
+fn negotiate(s: &mut UnixStream) {
+    let caps = b"{\"capabilities\":{\"max_msg_fds\":16,\"max_data_xfer_size\":1048576,\"pgsizes\":4096}}\0";
+    let mut v = vec![0, 0, 0, 0];
+    v.extend_from_slice(caps);
+    s.write_all(&message(1, 1, &v)).unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    let mut rest = vec![0u8; u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize - 16];
+    s.read_exact(&mut rest).unwrap();
+}
+
+/// Latencies of `n` DISPI register reads, in microseconds, sorted.
+fn register_latencies(s: &mut UnixStream, n: usize) -> Vec<f64> {
+    let mut payload = 0x502u64.to_le_bytes().to_vec();
+    payload.extend_from_slice(&2u32.to_le_bytes());
+    payload.extend_from_slice(&2u32.to_le_bytes());
+    let request = message(2, 9, &payload);
+    let mut reply = [0u8; REPLY];
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            s.write_all(&request).unwrap();
+            s.read_exact(&mut reply).unwrap();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn latency_during_screenshots(dir: &Path) {
+    let sock = dir.join("shot.sock");
+    let _server = serve("EMU-256M", &sock);
+    let mut vgpu = UnixStream::connect(&sock).unwrap();
+    negotiate(&mut vgpu);
+    let (w, h) = (3840u16, 2160u16);
+    for (i, v) in [(3u64, 32u16), (1, w), (2, h), (6, w), (4, 0x41)] {
+        let mut p = (0x500 + 2 * i).to_le_bytes().to_vec();
+        p.extend_from_slice(&2u32.to_le_bytes());
+        p.extend_from_slice(&2u32.to_le_bytes());
+        p.extend_from_slice(&v.to_le_bytes());
+        vgpu.write_all(&message(3, 10, &p)).unwrap();
+        let mut r = [0u8; 32];
+        vgpu.read_exact(&mut r).unwrap();
+    }
+    const N: usize = 20_000;
+    register_latencies(&mut vgpu, N);
+    let idle = register_latencies(&mut vgpu, N);
+    let ctl = PathBuf::from(format!("{}.ctl", sock.display()));
+    const SHOTS: u32 = 10;
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let shots = {
+        let taken = taken.clone();
+        std::thread::spawn(move || {
+            for _ in 0..SHOTS {
+                let mut c = UnixStream::connect(&ctl).unwrap();
+                c.write_all(b"{\"op\":\"screenshot\",\"head\":0}\n")
+                    .unwrap();
+                let mut all = Vec::new();
+                c.read_to_end(&mut all).unwrap();
+                assert!(all.starts_with(b"{\"ok\":true"), "screenshot failed");
+                taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let mut busy = Vec::new();
+    while taken.load(std::sync::atomic::Ordering::Relaxed) < SHOTS {
+        busy.extend(register_latencies(&mut vgpu, 1000));
+    }
+    busy.sort_by(f64::total_cmp);
+    shots.join().unwrap();
+    let taken = SHOTS;
+    // One 4K frame copy into warm memory, for scale (median of 5).
+    let frame = vec![0x5au8; usize::from(w) * usize::from(h) * 4];
+    let mut dst = vec![0u8; frame.len()];
+    let copy = median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                dst.copy_from_slice(&frame);
+                std::hint::black_box(&dst);
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect(),
+    );
+    let q = |v: &[f64], p: f64| v[((v.len() as f64 - 1.0) * p) as usize];
+    println!(
+        "5. register read latency while 3840x2160 screenshots run ({N} idle reads, {} during):",
+        busy.len()
+    );
+    println!(
+        "   no screenshots               p50 {:7.1} us   p99 {:7.1} us   worst {:8.1} us",
+        q(&idle, 0.5),
+        q(&idle, 0.99),
+        q(&idle, 1.0)
+    );
+    println!(
+        "   {taken:3} screenshots meanwhile   p50 {:7.1} us   p99 {:7.1} us   worst {:8.1} us",
+        q(&busy, 0.5),
+        q(&busy, 0.99),
+        q(&busy, 1.0)
+    );
+    println!(
+        "   one 31.6 MiB frame memcpy    {copy:8.1} us   worst / frame copy {:.3}",
+        q(&busy, 1.0) / copy
+    );
+}
+
 fn main() {
     if let Some(path) = std::env::var_os("VGPU_BENCH_ECHO") {
         echo_server(path.to_str().unwrap());
@@ -352,6 +464,7 @@ fn main() {
     println!("vgpu-emu benchmarks (ratios against floors measured in this run)\n");
     idle_memory(dir.path());
     screenshot_cost();
+    latency_during_screenshots(dir.path());
     if !quick {
         vram_bandwidth(dir.path());
     }
