@@ -121,7 +121,7 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     );
     let _ = writeln!(
         out,
-        "Attach it with QEMU 10.1 or newer (guest RAM must be a shared memfd):"
+        "Attach it with QEMU 10.1 or newer (guest RAM shared as a memfd):"
     );
     let _ = writeln!(
         out,
