@@ -244,7 +244,7 @@ fn vram_bandwidth(dir: &Path) {
 fn screenshot_cost() {
     let catalog = Catalog::builtin().unwrap();
     let ty = catalog.resolve("EMU-64M").unwrap();
-    let vram = MemfdVram::new("bench-vram", ty.framebuffer).unwrap();
+    let (vram, _file) = MemfdVram::new("bench-vram", ty.framebuffer).unwrap();
     let mut dev = Device::new(ty, &[0; 16], Box::new(vram)).unwrap();
     let (w, h) = (1920u32, 1080u32);
     for (i, v) in [

@@ -128,22 +128,15 @@ pub enum InstanceError {
 }
 
 impl Instance {
-    /// Creates an instance of `ty` with memfd VRAM. Returns it with a second handle on the VRAM
-    /// file, which the server passes to clients as the region fd.
+    /// Creates an instance of `ty` with memfd VRAM. Returns it with the VRAM file, which the
+    /// server passes to clients as the region fd (the instance itself keeps only the mapping).
     pub fn new(ty: &VgpuType, uuid: Uuid, socket: PathBuf) -> Result<(Self, File), InstanceError> {
         if !ty.personality.is_implemented() {
             return Err(DeviceError::UnimplementedPersonality(ty.personality).into());
         }
         let name = format!("vgpu-emu-vram-{uuid}");
-        let vram = MemfdVram::new(&name, ty.framebuffer).map_err(|source| InstanceError::Vram {
-            size: ty.framebuffer,
-            source,
-        })?;
-        let file = vram
-            .fd()
-            .try_clone_to_owned()
-            .map(File::from)
-            .map_err(|source| InstanceError::Vram {
+        let (vram, file) =
+            MemfdVram::new(&name, ty.framebuffer).map_err(|source| InstanceError::Vram {
                 size: ty.framebuffer,
                 source,
             })?;

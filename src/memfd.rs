@@ -16,7 +16,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use vgpu_model::vram::{clamp_range, Vram, VramRead};
 use vm_memory::{Bytes, MmapRegion, VolatileMemory};
@@ -160,27 +160,23 @@ impl Drop for Mapping {
     }
 }
 
-/// VRAM in a sealed, shared memfd mapping.
+/// VRAM in a sealed, shared memfd mapping. Holds no descriptor: the memfd goes to whoever
+/// hands it to clients.
 #[derive(Debug)]
 pub struct MemfdVram {
-    file: File,
     map: std::sync::Arc<Mapping>,
 }
 
 impl MemfdVram {
-    /// `size` bytes of zeroed, sparse VRAM named `name` (visible in /proc/PID/fd).
-    pub fn new(name: &str, size: u64) -> io::Result<Self> {
+    /// `size` bytes of zeroed, sparse VRAM in a memfd named `name` (visible in /proc/PID/maps),
+    /// and that memfd, sealed against resizing: the region fd for clients.
+    pub fn new(name: &str, size: u64) -> io::Result<(Self, File)> {
         let file = memfd(name, size)?;
         let map = Mapping::new(&file, 0, size, libc::PROT_READ | libc::PROT_WRITE)?;
-        Ok(MemfdVram {
-            file,
+        let vram = MemfdVram {
             map: std::sync::Arc::new(map),
-        })
-    }
-
-    /// The memfd, to pass to a client as the VRAM region's fd.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        };
+        Ok((vram, file))
     }
 
     /// A read-only view of the same memory that can be read without the device (and its lock):
@@ -225,10 +221,11 @@ impl VramRead for VramView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn memfd_vram_reads_back_and_stays_in_bounds() {
-        let mut v = MemfdVram::new("test-vram", 1 << 20).unwrap();
+        let (mut v, file) = MemfdVram::new("test-vram", 1 << 20).unwrap();
         assert_eq!(v.size(), 1 << 20);
         v.write((1 << 20) - 2, &[1, 2, 3, 4]);
         let mut b = [9u8; 4];
@@ -237,7 +234,6 @@ mod tests {
         v.read(u64::MAX, &mut b);
         assert_eq!(b, [0; 4]);
         // The client sees the same bytes through the fd.
-        let file = File::from(v.fd().try_clone_to_owned().unwrap());
         let shared = Mapping::new(&file, 0, 1 << 20, libc::PROT_READ).unwrap();
         let mut c = [0u8; 2];
         shared.read((1 << 20) - 2, &mut c);
@@ -259,8 +255,7 @@ mod tests {
 
     #[test]
     fn vram_cannot_be_resized_by_whoever_holds_its_fd() {
-        let v = MemfdVram::new("sealed", 1 << 16).unwrap();
-        let client = File::from(v.fd().try_clone_to_owned().unwrap());
+        let (_v, client) = MemfdVram::new("sealed", 1 << 16).unwrap();
         assert!(client.set_len(0).is_err(), "shrinking is sealed");
         assert!(client.set_len(1 << 20).is_err(), "growing is sealed");
         // SAFETY: F_ADD_SEALS with an int argument.
