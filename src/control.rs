@@ -10,27 +10,31 @@
 //!                                     <- {"ok":false,"error":"head 0 is not displaying: ..."}
 //! ```
 //!
-//! It runs on its own thread: capturing holds the instance lock only for the copy out of VRAM,
+//! Requests are served concurrently (a few at a time, see [`ControlServer`]): capturing holds the instance lock only for the copy out of VRAM,
 //! and the PNG encode and the send happen without it, so a screenshot never delays the guest's
 //! register accesses by more than one frame copy.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{debug, warn};
+use log::{debug, Level};
+use mio::{Events, Interest, Poll, Token, Waker};
 use serde::{Deserialize, Serialize};
 
 use crate::display::encode_png;
 use crate::instance::{lock, SharedInstance, Status};
+use crate::log_limited;
+use crate::ratelimit::RateLimit;
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 4096;
-/// How long a control client may take to send its request.
+/// How long the CLI waits for an instance's reply.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A control request.
@@ -57,62 +61,222 @@ struct Reply {
     png_bytes: Option<u64>,
 }
 
-/// The running control thread.
+/// Most requests one endpoint serves at once; a client beyond them is told the endpoint is busy.
+pub const MAX_CONNECTIONS: usize = 4;
+/// How long a control client may take to send its request, and to take each part of the reply.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+
+/// A control endpoint: an accept loop on its own thread that hands each connection to a
+/// short-lived thread of its own, at most [`MAX_CONNECTIONS`] at a time. The accept loop never
+/// waits on a client, so a silent or slow client delays neither other requests nor
+/// [`ControlServer::stop`].
 #[derive(Debug)]
 pub struct ControlServer {
     stop: Arc<AtomicBool>,
-    path: std::path::PathBuf,
+    waker: Arc<Waker>,
+    active: Arc<Active>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// The connections being served, to cut them off at stop.
+#[derive(Debug, Default)]
+struct Active {
+    next: AtomicUsize,
+    streams: Mutex<Vec<(usize, UnixStream)>>,
+}
+
+impl Active {
+    fn streams(&self) -> std::sync::MutexGuard<'_, Vec<(usize, UnixStream)>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Takes a connection out of [`Active`] when its thread ends, however it ends.
+struct Served<'a> {
+    active: &'a Active,
+    id: usize,
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        self.active.streams().retain(|(id, _)| *id != self.id);
+    }
+}
+
 impl ControlServer {
-    /// Serves `listener` for `instance` on a new thread.
-    pub fn spawn(
-        listener: UnixListener,
-        path: &Path,
-        instance: SharedInstance,
-    ) -> io::Result<Self> {
+    /// Serves the control endpoint of `instance` on `listener`.
+    pub fn spawn(listener: UnixListener, instance: SharedInstance) -> io::Result<Self> {
+        ControlServer::spawn_with(listener, "control", move |stream| {
+            serve_one(stream, &instance)
+        })
+    }
+
+    /// Serves `listener`, calling `handler` for each connection on a thread of its own (named
+    /// after `name`). The handler's stream has [`REQUEST_TIMEOUT`] on reads and writes.
+    pub fn spawn_with<F>(listener: UnixListener, name: &str, handler: F) -> io::Result<Self>
+    where
+        F: Fn(UnixStream) -> io::Result<()> + Send + Sync + 'static,
+    {
+        listener.set_nonblocking(true)?;
+        let mut listener = mio::net::UnixListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let active = Arc::new(Active::default());
+        let accept = Accept {
+            poll,
+            listener,
+            stop: stop.clone(),
+            active: active.clone(),
+            handler: Arc::new(handler),
+            name: name.to_string(),
+            log: RateLimit::default(),
+        };
         let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if flag.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match conn {
-                        Ok(stream) => {
-                            if let Err(e) = serve_one(stream, &instance) {
-                                // The requester went away or stalled; its problem, not ours.
-                                debug!("control request failed: {e}");
-                            }
-                        }
-                        Err(e) => warn!("control accept failed: {e}"),
-                    }
-                }
-            })?;
+            .name(name.to_string())
+            .spawn(move || accept.run())?;
         Ok(ControlServer {
             stop,
-            path: path.to_path_buf(),
+            waker,
+            active,
             thread: Some(thread),
         })
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops accepting, cuts off the requests in progress, and waits for the accept loop (which
+    /// never waits on a client).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
-        let _ = UnixStream::connect(&self.path);
+        let _ = self.waker.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        for (_, s) in self.active.streams().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// The accept loop of a [`ControlServer`].
+struct Accept<F> {
+    poll: Poll,
+    listener: mio::net::UnixListener,
+    stop: Arc<AtomicBool>,
+    active: Arc<Active>,
+    handler: Arc<F>,
+    name: String,
+    log: RateLimit,
+}
+
+impl<F> Accept<F>
+where
+    F: Fn(UnixStream) -> io::Result<()> + Send + Sync + 'static,
+{
+    fn run(mut self) {
+        let mut events = Events::with_capacity(8);
+        // After a failed accept (out of descriptors, say), look again a little later: the
+        // readiness was consumed, and the refused connection still waits in the backlog.
+        let mut retry = None;
+        while !self.stop.load(Ordering::SeqCst) {
+            if let Err(e) = self.poll.poll(&mut events, retry) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log_limited!(self.log, Level::Warn, "{} poll failed: {e}", self.name);
+                    retry = Some(Duration::from_millis(100));
+                }
+                continue;
+            }
+            retry = None;
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            loop {
+                match self.listener.accept() {
+                    Ok((stream, _)) => self.serve(UnixStream::from(stream)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        log_limited!(self.log, Level::Warn, "{} accept failed: {e}", self.name);
+                        retry = Some(Duration::from_millis(100));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve(&mut self, stream: UnixStream) {
+        let mut streams = self.active.streams();
+        if streams.len() >= MAX_CONNECTIONS {
+            drop(streams);
+            // Still non-blocking: a short line into an empty socket buffer, or nothing.
+            let busy = serde_json::json!({
+                "ok": false,
+                "error": format!("busy: {MAX_CONNECTIONS} requests in progress; try again"),
+            });
+            let _ = writeln!(&stream, "{busy}");
+            log_limited!(
+                self.log,
+                Level::Warn,
+                "{}: {MAX_CONNECTIONS} requests in progress; refused another",
+                self.name
+            );
+            return;
+        }
+        let id = self.active.next.fetch_add(1, Ordering::Relaxed);
+        let prepared = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(REQUEST_TIMEOUT)))
+            .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
+            .and_then(|()| stream.try_clone());
+        let handle = match prepared {
+            Ok(h) => h,
+            Err(e) => {
+                log_limited!(self.log, Level::Warn, "{}: {e}", self.name);
+                return;
+            }
+        };
+        streams.push((id, handle));
+        drop(streams);
+        let (active, handler) = (self.active.clone(), self.handler.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-{id}", self.name))
+            .spawn(move || {
+                let _served = Served {
+                    active: &active,
+                    id,
+                };
+                if let Err(e) = handler(stream) {
+                    // The requester went away or stalled; its problem, not ours.
+                    debug!("control request failed: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            self.active.streams().retain(|(i, _)| *i != id);
+            log_limited!(
+                self.log,
+                Level::Warn,
+                "{}: cannot start a request thread: {e}",
+                self.name
+            );
         }
     }
 }
 
 fn serve_one(stream: UnixStream, instance: &SharedInstance) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
     if line.trim().is_empty() {

@@ -14,7 +14,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,10 +22,14 @@ use std::time::Duration;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::control::ControlServer;
 use crate::error::CliError;
 use crate::manager::{InstanceInfo, Manager, ParentSpec};
 use crate::mdevfs::{MdevFs, SharedManager};
 use crate::socket;
+
+/// The source (fsname) of the tree's FUSE mount, by which a later start knows it as ours.
+pub const FS_NAME: &str = "vgpu-emu";
 
 /// Validated `daemon` settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,71 +211,66 @@ fn autostart(root: &Path, manager: &SharedManager) {
     }
 }
 
-fn serve_control(listener: UnixListener, manager: SharedManager) {
-    for conn in listener.incoming().flatten() {
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-        let mut line = String::new();
-        if BufReader::new((&conn).take(4096))
-            .read_line(&mut line)
-            .is_err()
-            || line.trim().is_empty()
-        {
-            continue;
-        }
-        let reply = match serde_json::from_str::<Request>(line.trim()) {
-            Err(e) => Reply {
-                error: Some(format!("bad request: {e}")),
+/// Serves one request on the daemon's control socket (on a thread of its own, see
+/// [`ControlServer`]).
+fn serve_control(conn: UnixStream, manager: &SharedManager) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new((&conn).take(4096)).read_line(&mut line)?;
+    if line.trim().is_empty() {
+        return Ok(());
+    }
+    let reply = match serde_json::from_str::<Request>(line.trim()) {
+        Err(e) => Reply {
+            error: Some(format!("bad request: {e}")),
+            ..Reply::default()
+        },
+        Ok(Request::List) => {
+            let m = manager.lock().unwrap_or_else(|p| p.into_inner());
+            Reply {
+                ok: true,
+                instances: Some(m.list()),
                 ..Reply::default()
-            },
-            Ok(Request::List) => {
-                let m = manager.lock().unwrap_or_else(|p| p.into_inner());
-                Reply {
-                    ok: true,
-                    instances: Some(m.list()),
-                    ..Reply::default()
-                }
             }
-            Ok(Request::Create { parent, ty, uuid }) => {
-                let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
-                // A type directory, or NAME[@VERSION] resolved as everywhere else.
-                let dir = m.resolve_type_dir(&parent, &ty).unwrap_or(ty);
-                let uuid = uuid.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-                match m.create(&parent, &dir, &uuid) {
-                    Ok(u) => Reply {
+        }
+        Ok(Request::Create { parent, ty, uuid }) => {
+            let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
+            // A type directory, or NAME[@VERSION] resolved as everywhere else.
+            let dir = m.resolve_type_dir(&parent, &ty).unwrap_or(ty);
+            let uuid = uuid.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            match m.create(&parent, &dir, &uuid) {
+                Ok(u) => Reply {
+                    ok: true,
+                    uuid: Some(u.to_string()),
+                    ..Reply::default()
+                },
+                Err(e) => Reply {
+                    error: Some(e.to_string()),
+                    ..Reply::default()
+                },
+            }
+        }
+        Ok(Request::Remove { uuid }) => {
+            let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
+            match uuid::Uuid::parse_str(&uuid).map_err(|_| format!("`{uuid}` is not a UUID")) {
+                Ok(u) => match m.remove(&u) {
+                    Ok(()) => Reply {
                         ok: true,
-                        uuid: Some(u.to_string()),
                         ..Reply::default()
                     },
                     Err(e) => Reply {
                         error: Some(e.to_string()),
                         ..Reply::default()
                     },
-                }
+                },
+                Err(e) => Reply {
+                    error: Some(e),
+                    ..Reply::default()
+                },
             }
-            Ok(Request::Remove { uuid }) => {
-                let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
-                match uuid::Uuid::parse_str(&uuid).map_err(|_| format!("`{uuid}` is not a UUID")) {
-                    Ok(u) => match m.remove(&u) {
-                        Ok(()) => Reply {
-                            ok: true,
-                            ..Reply::default()
-                        },
-                        Err(e) => Reply {
-                            error: Some(e.to_string()),
-                            ..Reply::default()
-                        },
-                    },
-                    Err(e) => Reply {
-                        error: Some(e),
-                        ..Reply::default()
-                    },
-                }
-            }
-        };
-        if let Ok(text) = serde_json::to_string(&reply) {
-            let _ = writeln!(&conn, "{text}");
         }
-    }
+    };
+    let text = serde_json::to_string(&reply)?;
+    writeln!(&conn, "{text}")
 }
 
 /// Sends one request to the daemon at `root`.
@@ -312,7 +311,12 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
     let _ctl_guard = socket::RemoveOnDrop(ctl_path.clone());
     let sys = root.join("sys");
     let mut fuse_config = fuser::Config::default();
-    fuse_config.mount_options = vec![fuser::MountOption::FSName("vgpu-emu".into())];
+    fuse_config.mount_options = vec![
+        fuser::MountOption::FSName(FS_NAME.into()),
+        // The kernel checks each node's mode against the caller, as for sysfs: other users may
+        // read (allow_other below), only the owner and root may write.
+        fuser::MountOption::DefaultPermissions,
+    ];
     // Management stacks may run as other users than the daemon (as sysfs, it is world-readable).
     fuse_config.acl = fuser::SessionACL::All;
     let session =
@@ -322,13 +326,11 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
                 source,
             }
         })?;
-    {
+    let control = {
         let m = manager.clone();
-        std::thread::Builder::new()
-            .name("daemon-control".into())
-            .spawn(move || serve_control(ctl, m))
-            .map_err(CliError::Runtime)?;
-    }
+        ControlServer::spawn_with(ctl, "daemon-control", move |conn| serve_control(conn, &m))
+            .map_err(CliError::Runtime)?
+    };
     if config.autostart {
         autostart(root, &manager);
     }
@@ -368,6 +370,7 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
     if let Some(sig) = signals.forever().next() {
         info!("signal {sig} received; stopping every instance");
     }
+    control.stop();
     manager
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -317,8 +317,7 @@ impl Manager {
         let ctl_guard = RemoveOnDrop(ctl.clone());
         let (instance, vram) = Instance::new(&ty, uuid, socket.clone()).map_err(|e| start(&e))?;
         let shared = Arc::new(Mutex::new(instance));
-        let control =
-            ControlServer::spawn(ctl_listener, &ctl, shared.clone()).map_err(|e| start(&e))?;
+        let control = ControlServer::spawn(ctl_listener, shared.clone()).map_err(|e| start(&e))?;
         let (mut server, stop) = match Server::new(listener, shared.clone(), vram) {
             Ok(s) => s,
             Err(e) => {

@@ -368,3 +368,162 @@ fn a_200_instance_churn_leaks_no_fd_mapping_or_thread() {
     assert_eq!(d.available("emu0", M64), 32);
     assert!(d.mdevctl_ok(&["list"]).trim().is_empty());
 }
+
+/// Runs `sh -c SCRIPT` as user and group `nobody` (65534) with no supplementary groups.
+fn as_nobody(script: &str) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn other_users_read_the_tree_but_cannot_manage_instances() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    // Let other users reach the root, as they reach /sys.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(dir, &[]);
+    d.create("emu0", M64, U1).unwrap();
+    let ty = d.sys(&format!("class/mdev_bus/emu0/mdev_supported_types/{M64}"));
+    let inst = d.sys(&format!("bus/mdev/devices/{U1}"));
+    // sysfs's modes, owned by the daemon's user (root here).
+    for (path, mode) in [
+        (ty.clone(), 0o755),
+        (ty.join("name"), 0o444),
+        (ty.join("available_instances"), 0o444),
+        (ty.join("create"), 0o200),
+        (inst.join("remove"), 0o200),
+        (inst.join("frame_rate_limiter"), 0o644),
+    ] {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(mode_of(&path), mode, "{}", path.display());
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{}", path.display());
+    }
+    let ctl = d.root.join("run/daemon.ctl");
+    let sock = d.root.join(format!("run/{U1}.sock"));
+    for s in [&ctl, &sock, &common::ctl_path(&sock)] {
+        assert_eq!(mode_of(s), 0o600, "{}", s.display());
+    }
+
+    // Reads are for everyone.
+    let out = as_nobody(&format!(
+        "cat {0}/name {0}/available_instances {1}/frame_rate_limiter",
+        ty.display(),
+        inst.display()
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "EMU-64M@1\n31\n1\n");
+
+    // Writes are refused by the kernel, and change nothing.
+    let refused = |script: String| {
+        let out = as_nobody(&script);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "`{script}` worked as nobody");
+        assert!(err.contains("Permission denied"), "`{script}`: {err}");
+    };
+    refused(format!("echo {U2} > {}/create", ty.display()));
+    refused(format!("echo 1 > {}/remove", inst.display()));
+    refused(format!("echo 0 > {}/frame_rate_limiter", inst.display()));
+    // Nor can they reach the sockets that manage instances.
+    refused(format!("{BIN} status --socket {}", sock.display()));
+    refused(format!("{BIN} list --root {}", d.root.display()));
+    let list = d.mdevctl_ok(&["list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.contains(U1) && !list.contains(U2), "{list}");
+    assert_eq!(d.available("emu0", M64), 31);
+    assert_eq!(d.status(U1)["frame_rate_limiter"], true);
+
+    // The owner still manages.
+    std::fs::write(inst.join("frame_rate_limiter"), "0").unwrap();
+    assert_eq!(d.status(U1)["frame_rate_limiter"], false);
+    std::fs::write(inst.join("remove"), "1").unwrap();
+    assert_eq!(d.available("emu0", M64), 32);
+}
+
+/// Connects to `path` and says nothing for as long as the stream lives.
+fn silent_client(path: &Path) -> std::os::unix::net::UnixStream {
+    std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()))
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn silent_control_clients_stall_neither_requests_nor_removal() {
+    use std::time::Instant;
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &[]);
+    d.create("emu0", M64, U1).unwrap();
+    d.create("emu0", M64, U2).unwrap();
+    let ctl = common::ctl_path(&d.root.join(format!("run/{U1}.sock")));
+
+    // A client that connected and says nothing does not hold up the next one.
+    let _silent = silent_client(&ctl);
+    let _silent_daemon = silent_client(&d.root.join("run/daemon.ctl"));
+    let t = Instant::now();
+    assert_eq!(d.status(U1)["uuid"], U1);
+    let root = d.root.display().to_string();
+    assert!(vgpu_emu_ok(&["list", "--root", &root]).contains(U1));
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "status and list took {took:?} behind silent clients"
+    );
+
+    // Many silent clients: the endpoint answers `busy` at once instead of growing a thread each.
+    let tasks = d.count("task");
+    let crowd: Vec<_> = (0..40).map(|_| silent_client(&ctl)).collect();
+    let busy = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(d.root.join(format!("run/{U1}.sock")))
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert!(
+        d.count("task") <= tasks + 4,
+        "{} threads for 40 silent clients (from {tasks})",
+        d.count("task")
+    );
+    // Another instance is not affected.
+    assert_eq!(d.status(U2)["uuid"], U2);
+
+    // Removal does not wait on the clients; the tree answers meanwhile.
+    let t = Instant::now();
+    std::fs::write(d.sys(&format!("bus/mdev/devices/{U1}/remove")), "1").unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "removal with silent control clients took {took:?}"
+    );
+    assert_eq!(d.available("emu0", M64), 31);
+    drop(crowd);
+    // The silent daemon client is cut off in time, and its thread ends.
+    wait_until(Duration::from_secs(10), "request threads to end", || {
+        d.count("task") <= tasks
+    });
+}
