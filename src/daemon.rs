@@ -205,7 +205,10 @@ fn autostart(root: &Path, manager: &SharedManager) {
                         }
                     }
                 }
-                Err(e) => warn!("autostart of {uuid} ({ty}) on {pname} failed: {e}"),
+                Err(e) => warn!(
+                    "autostart of {uuid} ({ty}) on {pname} failed: {}",
+                    crate::error::chain(&e)
+                ),
             }
         }
     }
@@ -244,7 +247,7 @@ fn serve_control(conn: UnixStream, manager: &SharedManager) -> std::io::Result<(
                     ..Reply::default()
                 },
                 Err(e) => Reply {
-                    error: Some(e.to_string()),
+                    error: Some(crate::error::chain(&e)),
                     ..Reply::default()
                 },
             }
@@ -258,7 +261,7 @@ fn serve_control(conn: UnixStream, manager: &SharedManager) -> std::io::Result<(
                         ..Reply::default()
                     },
                     Err(e) => Reply {
-                        error: Some(e.to_string()),
+                        error: Some(crate::error::chain(&e)),
                         ..Reply::default()
                     },
                 },

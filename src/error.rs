@@ -117,3 +117,15 @@ impl CliError {
         }
     }
 }
+
+/// An error and its causes on one line, `error: cause: cause's cause`, as the CLI prints them.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

@@ -270,7 +270,15 @@ impl MdevFs {
         match parts.as_slice() {
             ["devices", p, "mdev_supported_types", t, "create"] => {
                 m.create(p, t, text).map(drop).map_err(|e| {
-                    log::info!("create {} on {p}/{t} refused: {e}", text.trim());
+                    let why = crate::error::chain(&e);
+                    match e {
+                        // Ours: the writer did nothing wrong.
+                        ManageError::Start(_) => {
+                            log::warn!("create {} on {p}/{t} failed: {why}", text.trim())
+                        }
+                        // The writer's mistake, answered with the kernel's errno.
+                        _ => log::info!("create {} on {p}/{t} refused: {why}", text.trim()),
+                    }
                     errno(&e)
                 })
             }
