@@ -12,7 +12,7 @@
 //! A daemon killed with SIGKILL leaves its mount and sockets behind; the next start on the same
 //! root detaches the stale mount and removes the stale sockets first.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -94,73 +94,296 @@ pub struct Reply {
     pub uuid: Option<String>,
 }
 
-fn is_mountpoint(path: &Path) -> bool {
-    // A dead FUSE mount may refuse to be resolved (ENOTCONN): fall back to the absolute path.
-    let Some(canon) = std::fs::canonicalize(path)
-        .ok()
-        .or_else(|| std::path::absolute(path).ok())
-    else {
-        return false;
-    };
-    let target = canon.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|mi| {
-        mi.lines()
-            .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
-    })
+/// Why the daemon refuses a root.
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    /// A directory the system or other services own.
+    #[error(
+        "{} is a shared system directory; give the daemon a directory of its own, such as /run/vgpu-emu",
+        .0.display()
+    )]
+    Shared(PathBuf),
+    /// Sockets under the root would not fit in a socket address.
+    #[error(
+        "root {} is {len} bytes long: instance sockets under it ({}/run/<uuid>.sock.ctl) would be {} bytes, over the {} a UNIX socket path may have; use a root of at most {} bytes",
+        root.display(), root.display(), len + SOCKET_SUFFIX, socket::MAX_SOCKET_PATH, MAX_ROOT
+    )]
+    TooLong {
+        /// The root.
+        root: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// Something else is mounted where the tree goes.
+    #[error(
+        "{} is a mount of {fstype} (source `{device}`), not a vgpu-emu tree; the daemon replaces only its own stale mounts: unmount it or choose another root",
+        path.display()
+    )]
+    ForeignMount {
+        /// The mount point.
+        path: PathBuf,
+        /// Its filesystem type.
+        fstype: String,
+        /// Its source (device or fsname).
+        device: String,
+    },
+    /// The tree's directory holds files.
+    #[error(
+        "{} is not empty; the daemon mounts its tree there: empty it or choose another root",
+        .0.display()
+    )]
+    NotEmpty(PathBuf),
+    /// The tree's directory is something else.
+    #[error("{} exists and is not a directory", .0.display())]
+    NotDir(PathBuf),
+    /// A stale tree of ours could not be detached.
+    #[error("cannot detach the stale vgpu-emu tree at {}", path.display())]
+    Detach {
+        /// The mount point.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The root could not be read or made.
+    #[error("cannot prepare {}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-fn unmount_stale(path: &Path) {
-    if is_mountpoint(path) {
-        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-            return;
-        };
-        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-        let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        if r == 0 {
-            info!("detached a stale mount at {}", path.display());
-        } else {
-            warn!(
-                "cannot detach the stale mount at {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
+/// What the longest socket under a root adds to it: `/run/<uuid>.sock.ctl`.
+const SOCKET_SUFFIX: usize = "/run/".len() + 36 + ".sock.ctl".len();
+/// The longest root whose sockets fit in a socket address.
+pub const MAX_ROOT: usize = socket::MAX_SOCKET_PATH - SOCKET_SUFFIX;
+/// What the tree's link to an instance socket adds to the root:
+/// `/sys/bus/mdev/devices/<uuid>/vfio-user.sock`.
+const TREE_LINK_SUFFIX: usize = "/sys/bus/mdev/devices/".len() + 36 + "/vfio-user.sock".len();
+
+/// Directories the system or other services own: never a daemon's root.
+const SHARED_DIRS: &[&str] = &[
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib64",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/run/user",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/var",
+    "/var/lib",
+    "/var/run",
+    "/var/tmp",
+];
+
+/// One line of /proc/self/mountinfo: mount point, filesystem type, source.
+#[derive(Debug, PartialEq, Eq)]
+struct Mount {
+    point: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+impl Mount {
+    /// Our tree: a FUSE mount with our fsname.
+    fn is_ours(&self) -> bool {
+        (self.fstype == "fuse" || self.fstype == format!("fuse.{FS_NAME}"))
+            && self.source == FS_NAME
     }
 }
 
-/// Creates the root's directories and removes what a killed daemon left behind. Refuses a root
-/// another live daemon serves.
-fn prepare_root(root: &Path) -> Result<(), CliError> {
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match (b[i], octal) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo (proc(5)): `id parent major:minor root point options [optional...] -
+/// fstype source super-options`.
+fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some(Mount {
+                point: PathBuf::from(unescape(fields.get(4)?)),
+                fstype: unescape(fields.get(dash + 1)?),
+                source: unescape(fields.get(dash + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// The mounts at `point` (canonical), bottom first.
+fn mounts_at(point: &Path) -> Result<Vec<Mount>, RootError> {
+    let info = Path::new("/proc/self/mountinfo");
+    let text = std::fs::read_to_string(info).map_err(|source| RootError::Io {
+        path: info.to_path_buf(),
+        source,
+    })?;
+    Ok(parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.point == point)
+        .collect())
+}
+
+/// Makes `root` absolute and checks it is one a daemon may own: not a shared system directory,
+/// short enough for its sockets.
+fn check_root(root: &Path) -> Result<PathBuf, RootError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RootError::Io { path, source }
+    };
+    let abs = std::path::absolute(root).map_err(io(root))?;
+    // Refuse before creating anything.
+    let shared = |p: &Path| SHARED_DIRS.iter().any(|d| p == Path::new(d));
+    if shared(&abs) {
+        return Err(RootError::Shared(abs));
+    }
+    std::fs::create_dir_all(&abs).map_err(io(&abs))?;
+    let root = std::fs::canonicalize(&abs).map_err(io(&abs))?;
+    if shared(&root) {
+        return Err(RootError::Shared(root));
+    }
+    let len = root.as_os_str().len();
+    if len > MAX_ROOT {
+        return Err(RootError::TooLong { root, len });
+    }
+    Ok(root)
+}
+
+/// Readies `sys` for the tree: detaches a stale tree of ours, refuses any other mount and a
+/// directory with something in it.
+fn prepare_sys(sys: &Path) -> Result<(), RootError> {
+    let mounts = mounts_at(sys)?;
+    if let Some(m) = mounts.iter().find(|m| !m.is_ours()) {
+        return Err(RootError::ForeignMount {
+            path: sys.to_path_buf(),
+            fstype: m.fstype.clone(),
+            device: m.source.clone(),
+        });
+    }
+    for _ in &mounts {
+        let c = std::ffi::CString::new(sys.as_os_str().as_encoded_bytes())
+            .map_err(|_| RootError::NotDir(sys.to_path_buf()))?;
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(RootError::Detach {
+                path: sys.to_path_buf(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        info!("detached a stale vgpu-emu tree at {}", sys.display());
+    }
+    match std::fs::symlink_metadata(sys) {
+        Ok(meta) if meta.is_dir() => {
+            let mut entries = std::fs::read_dir(sys).map_err(|source| RootError::Io {
+                path: sys.to_path_buf(),
+                source,
+            })?;
+            if entries.next().is_some() {
+                return Err(RootError::NotEmpty(sys.to_path_buf()));
+            }
+            Ok(())
+        }
+        Ok(_) => Err(RootError::NotDir(sys.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(sys).map_err(|source| RootError::Io {
+                path: sys.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(RootError::Io {
+            path: sys.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Whether `name` is a socket a daemon creates in `run/`: `daemon.ctl`, `<uuid>.sock`,
+/// `<uuid>.sock.ctl`.
+fn is_our_socket_name(name: &str) -> bool {
+    let uuid = name
+        .strip_suffix(".sock.ctl")
+        .or_else(|| name.strip_suffix(".sock"));
+    name == "daemon.ctl" || uuid.is_some_and(|u| u.len() == 36 && uuid::Uuid::parse_str(u).is_ok())
+}
+
+/// Creates the root's directories and removes what a killed daemon left behind, and nothing
+/// else: only its own FUSE tree and sockets it names. Refuses a root another live daemon
+/// serves, and any other mount or file where the tree goes. Returns the canonical root.
+fn prepare_root(root: &Path) -> Result<PathBuf, CliError> {
+    let root = check_root(root)?;
     let io = |path: &Path, source| CliError::Output {
         path: path.to_path_buf(),
         source,
     };
-    let ctl = control_socket(root);
+    let ctl = control_socket(&root);
     if UnixStream::connect(&ctl).is_ok() {
         return Err(CliError::Socket(socket::SocketError::InUse(ctl)));
     }
+    prepare_sys(&root.join("sys"))?;
     for d in [
-        "sys",
         "etc/mdevctl.d",
         "usr/lib/mdevctl/scripts.d/callouts",
         "usr/lib/mdevctl/scripts.d/notifiers",
         "run",
     ] {
         let p = root.join(d);
-        if d == "sys" {
-            unmount_stale(&p);
-        }
         std::fs::create_dir_all(&p).map_err(|e| io(&p, e))?;
     }
     let run = root.join("run");
     for entry in std::fs::read_dir(&run).map_err(|e| io(&run, e))?.flatten() {
+        let ours = entry.file_name().to_str().is_some_and(is_our_socket_name);
         let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
-        if is_socket && UnixStream::connect(entry.path()).is_err() {
+        if ours && is_socket && UnixStream::connect(entry.path()).is_err() {
             let _ = std::fs::remove_file(entry.path());
             info!("removed stale socket {}", entry.path().display());
         }
     }
-    Ok(())
+    if root.as_os_str().len() + TREE_LINK_SUFFIX > socket::MAX_SOCKET_PATH {
+        warn!(
+            "the tree's vfio-user.sock links under {} are longer than a socket address allows ({} bytes): give QEMU the socket itself, {}/run/<uuid>.sock (`vgpu-emu list` shows it)",
+            root.display(),
+            socket::MAX_SOCKET_PATH,
+            root.display()
+        );
+    }
+    Ok(root)
 }
 
 /// mdevctl's definitions: `etc/mdevctl.d/<parent>/<uuid>` with `mdev_type`, `start`, `attrs`.
@@ -214,15 +437,9 @@ fn autostart(root: &Path, manager: &SharedManager) {
     }
 }
 
-/// Serves one request on the daemon's control socket (on a thread of its own, see
-/// [`ControlServer`]).
-fn serve_control(conn: UnixStream, manager: &SharedManager) -> std::io::Result<()> {
-    let mut line = String::new();
-    BufReader::new((&conn).take(4096)).read_line(&mut line)?;
-    if line.trim().is_empty() {
-        return Ok(());
-    }
-    let reply = match serde_json::from_str::<Request>(line.trim()) {
+/// Answers one request line on the daemon's control socket (see [`ControlServer`]).
+fn serve_control(line: &str, out: &mut Vec<u8>, manager: &SharedManager) -> std::io::Result<()> {
+    let reply = match serde_json::from_str::<Request>(line) {
         Err(e) => Reply {
             error: Some(format!("bad request: {e}")),
             ..Reply::default()
@@ -273,7 +490,7 @@ fn serve_control(conn: UnixStream, manager: &SharedManager) -> std::io::Result<(
         }
     };
     let text = serde_json::to_string(&reply)?;
-    writeln!(&conn, "{text}")
+    writeln!(out, "{text}")
 }
 
 /// Sends one request to the daemon at `root`.
@@ -304,8 +521,7 @@ pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), CliError> {
-    let root = &config.root;
-    prepare_root(root)?;
+    let root = &prepare_root(&config.root)?;
     let manager = Manager::new(catalog, config.parents.clone(), &root.join("run"))
         .map_err(CliError::Config)?;
     let manager: SharedManager = Arc::new(Mutex::new(manager));
@@ -331,8 +547,10 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
         })?;
     let control = {
         let m = manager.clone();
-        ControlServer::spawn_with(ctl, "daemon-control", move |conn| serve_control(conn, &m))
-            .map_err(CliError::Runtime)?
+        ControlServer::spawn_with(ctl, "daemon-control", move |line, out| {
+            serve_control(line, out, &m)
+        })
+        .map_err(CliError::Runtime)?
     };
     if config.autostart {
         autostart(root, &manager);
