@@ -10,7 +10,10 @@
 //! ```
 //!
 //! A daemon killed with SIGKILL leaves its mount and sockets behind; the next start on the same
-//! root detaches the stale mount and removes the stale sockets first.
+//! root detaches the stale mount and removes the stale sockets first, and nothing else: only a
+//! FUSE mount named `vgpu-emu` (per /proc/self/mountinfo) and dead sockets named as above. Any
+//! other mount or file where the tree goes, a shared system directory as the root, or a root too
+//! long for its sockets' addresses ([`MAX_ROOT`]) is refused with a message that says why.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -274,16 +277,23 @@ fn check_root(root: &Path) -> Result<PathBuf, RootError> {
     if shared(&abs) {
         return Err(RootError::Shared(abs));
     }
+    let too_long = |root: PathBuf| {
+        let len = root.as_os_str().len();
+        match len > MAX_ROOT {
+            true => Err(RootError::TooLong { root, len }),
+            false => Ok(root),
+        }
+    };
+    if !abs.exists() {
+        // Nothing to resolve yet: refuse before creating it.
+        too_long(abs.clone())?;
+    }
     std::fs::create_dir_all(&abs).map_err(io(&abs))?;
     let root = std::fs::canonicalize(&abs).map_err(io(&abs))?;
     if shared(&root) {
         return Err(RootError::Shared(root));
     }
-    let len = root.as_os_str().len();
-    if len > MAX_ROOT {
-        return Err(RootError::TooLong { root, len });
-    }
-    Ok(root)
+    too_long(root)
 }
 
 /// Readies `sys` for the tree: detaches a stale tree of ours, refuses any other mount and a
@@ -599,4 +609,77 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
     drop(session);
     info!("unmounted {}", sys.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_are_parsed_and_only_our_tree_is_ours() {
+        let text = "\
+36 35 98:0 / /run/a\\040b rw,noatime master:1 - fuse vgpu-emu rw,user_id=0,group_id=0
+37 35 0:22 / /r/sys rw,relatime shared:7 - sysfs sysfs rw
+38 35 0:39 / /r/sys rw,relatime - tmpfs tmpfs rw
+39 35 0:40 / /x rw - fuse.vgpu-emu vgpu-emu rw
+40 35 0:41 / /y rw - fuse sshfs rw
+";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 5);
+        assert_eq!(m[0].point, Path::new("/run/a b"));
+        assert_eq!(
+            (m[1].fstype.as_str(), m[1].source.as_str()),
+            ("sysfs", "sysfs")
+        );
+        let ours: Vec<bool> = m.iter().map(Mount::is_ours).collect();
+        assert_eq!(ours, [true, false, false, true, false]);
+        assert_eq!(unescape(r"a\134b\011"), "a\\b\t");
+        assert_eq!(unescape(r"trailing\04"), r"trailing\04");
+    }
+
+    #[test]
+    fn only_the_sockets_we_name_are_ours() {
+        let u = "11111111-0000-4000-8000-000000000001";
+        for name in ["daemon.ctl", &format!("{u}.sock"), &format!("{u}.sock.ctl")] {
+            assert!(is_our_socket_name(name), "{name}");
+        }
+        for name in [
+            "other-service.sock",
+            "daemon.ctl.old",
+            &format!("{u}.ctl"),
+            &format!("x{u}.sock"),
+            "11111111000040008000000000000001.sock",
+        ] {
+            assert!(!is_our_socket_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn roots_are_checked_before_anything_is_created() {
+        for shared in ["/", "/tmp", "/run", "/usr/../usr"] {
+            assert!(
+                matches!(check_root(Path::new(shared)), Err(RootError::Shared(_))),
+                "{shared}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().as_os_str().len() + 1;
+        let longest = dir.path().join("r".repeat(MAX_ROOT - base));
+        assert_eq!(check_root(&longest).unwrap(), longest);
+        let long = dir.path().join("s".repeat(MAX_ROOT + 1 - base));
+        let e = check_root(&long).unwrap_err();
+        assert!(
+            matches!(e, RootError::TooLong { len, .. } if len == MAX_ROOT + 1),
+            "{e}"
+        );
+        assert!(!long.exists(), "a refused root is not created");
+        assert_eq!(MAX_ROOT, 57);
+        assert_eq!(
+            longest
+                .join("run/11111111-0000-4000-8000-000000000001.sock.ctl")
+                .as_os_str()
+                .len(),
+            socket::MAX_SOCKET_PATH
+        );
+    }
 }
