@@ -531,6 +531,13 @@ pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), CliError> {
+    // Before anything is mounted or announced: a SIGTERM that follows the readiness line at once
+    // must unmount, not kill the process with the tree left behind.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(CliError::Runtime)?;
     let root = &prepare_root(&config.root)?;
     let manager = Manager::new(catalog, config.parents.clone(), &root.join("run"))
         .map_err(CliError::Config)?;
@@ -593,11 +600,6 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
         }
     }
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .map_err(CliError::Runtime)?;
     if let Some(sig) = signals.forever().next() {
         info!("signal {sig} received; stopping every instance");
     }

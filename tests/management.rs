@@ -636,7 +636,14 @@ fn the_daemon_cleans_up_only_what_is_its_own() {
     let d = Daemon::start_at(root, &[]);
     assert!(foreign.exists(), "a socket that is not ours was removed");
     assert!(!stale.exists(), "our stale socket stayed");
+    // A SIGTERM right after the readiness line stops it cleanly.
     drop(d);
+    assert_eq!(mounts_at(&sys), 0, "SIGTERM unmounts");
+    assert!(
+        !run.join("daemon.ctl").exists(),
+        "SIGTERM removes the control socket"
+    );
+    assert!(foreign.exists());
 }
 
 #[test]
