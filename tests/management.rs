@@ -711,3 +711,77 @@ fn long_roots_are_refused_up_front_and_a_fitting_one_works() {
     assert_eq!(d.status(U1)["uuid"], U1);
     d.mdevctl_ok(&["stop", "-u", U1]);
 }
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn accept_failures_are_logged_rate_limited_and_retried() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let log_path = dir.path().join("daemon.log");
+    let mut child = Command::new(BIN)
+        .arg("daemon")
+        .arg("--root")
+        .arg(&root)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("vgpu-emu daemon:"), "{line:?}");
+    let d = Daemon {
+        child,
+        root: root.clone(),
+        _dir: None,
+    };
+    d.create("emu0", M64, U1).unwrap();
+    let socket = root.join(format!("run/{U1}.sock"));
+    let prlimit = |limit: usize| {
+        let ok = Command::new("prlimit")
+            .arg(format!("--pid={}", d.pid()))
+            // The soft limit only: raising it again needs no privilege.
+            .arg(format!("--nofile={limit}:"))
+            .status()
+            .unwrap();
+        assert!(ok.success(), "prlimit");
+    };
+    // No descriptor left: every accept fails while a client waits in the backlog.
+    // Descriptors 0-2 are open (stdin, stdout, stderr): with a limit of 3 no new one can be
+    // made, while those already open stay usable.
+    prlimit(3);
+    let mut waiting = silent_client(&common::ctl_path(&socket));
+    let failures = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("accept failed"))
+            .count()
+    };
+    // (A design that blocks in accept(2) holds a descriptor taken before the limit, and fails
+    // only on the connection after; a client that stalls it for its timeout delays that.)
+    wait_until(Duration::from_secs(30), "an accept failure logged", || {
+        failures() > 0
+    });
+    // A window of the retry loop: at most one burst of lines, however often it retried.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logged = failures();
+    assert!(logged <= 10, "{logged} accept failures logged in 1.5 s");
+    // Descriptors back: the waiting client is served without connecting again.
+    prlimit(1024);
+    use std::io::Write;
+    writeln!(waiting, r#"{{"op":"status"}}"#).unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = String::new();
+    BufReader::new(&waiting).read_line(&mut reply).unwrap();
+    assert!(reply.contains(r#""ok":true"#), "{reply}");
+}
