@@ -785,3 +785,46 @@ fn accept_failures_are_logged_rate_limited_and_retried() {
     BufReader::new(&waiting).read_line(&mut reply).unwrap();
     assert!(reply.contains(r#""ok":true"#), "{reply}");
 }
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn a_failed_start_reports_its_cause_and_a_kernel_errno() {
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &[]);
+    let run = d.root.join("run");
+    // The run directory turns read-only under the daemon (its control socket still answers).
+    let sh = |script: &str| {
+        let ok = Command::new("sh").args(["-c", script]).status().unwrap();
+        assert!(ok.success(), "{script}");
+    };
+    let r = run.display();
+    sh(&format!(
+        "mount --bind {r} {r} && mount -o remount,bind,ro {r}"
+    ));
+    let through_tree = d.create("emu0", M64, U1);
+    let cli = Command::new(BIN)
+        .args([
+            "create", "--parent", "emu0", "--type", "EMU-64M", "--uuid", U2, "--root",
+        ])
+        .arg(&d.root)
+        .output()
+        .unwrap();
+    sh(&format!("umount {r}"));
+    assert_eq!(
+        through_tree.unwrap_err().raw_os_error(),
+        Some(libc::EROFS),
+        "mdevctl sees the cause's errno, not EIO"
+    );
+    let err = String::from_utf8_lossy(&cli.stderr);
+    assert!(!cli.status.success());
+    assert!(
+        err.contains(&format!(
+            "cannot start the instance: cannot listen on {}/{U2}.sock: Read-only file system",
+            run.display()
+        )),
+        "{err}"
+    );
+    assert!(d.mdevctl_ok(&["list"]).trim().is_empty());
+    assert_eq!(d.available("emu0", M64), 32);
+    // And once the directory is writable again, the same create works.
+    d.create("emu0", M64, U1).unwrap();
+}
