@@ -431,12 +431,17 @@ fn exchange(
         source,
     })?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    let mut w = &stream;
     let line = serde_json::to_string(request).map_err(|e| ControlError::BadReply(e.to_string()))?;
-    writeln!(w, "{line}")?;
+    let sent = writeln!(&stream, "{line}");
     let mut reader = BufReader::new(stream);
     let mut header = String::new();
-    reader.by_ref().take(1 << 20).read_line(&mut header)?;
+    // A busy endpoint answers and closes without reading: its answer is still there to read
+    // when the send failed.
+    let read = reader.by_ref().take(1 << 20).read_line(&mut header);
+    if header.trim().is_empty() {
+        sent?;
+        read?;
+    }
     let reply: Reply =
         serde_json::from_str(header.trim()).map_err(|e| ControlError::BadReply(e.to_string()))?;
     if !reply.ok {

@@ -515,11 +515,15 @@ pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(CliError::Runtime)?;
-    writeln!(&stream, "{}", serde_json::to_string(req)?).map_err(CliError::Runtime)?;
+    let sent = writeln!(&stream, "{}", serde_json::to_string(req)?);
     let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .map_err(CliError::Runtime)?;
+    // A busy daemon answers and closes without reading: its answer is still there to read when
+    // the send failed.
+    let read = BufReader::new(&stream).read_line(&mut line);
+    if line.trim().is_empty() {
+        sent.map_err(CliError::Runtime)?;
+        read.map_err(CliError::Runtime)?;
+    }
     let reply: Reply = serde_json::from_str(line.trim())?;
     if !reply.ok {
         return Err(CliError::Control(crate::control::ControlError::Refused(
