@@ -10,9 +10,10 @@
 //!                                     <- {"ok":false,"error":"head 0 is not displaying: ..."}
 //! ```
 //!
-//! It runs on its own thread: capturing holds the instance lock only for the copy out of VRAM,
-//! and the PNG encode and the send happen without it, so a screenshot never delays the guest's
-//! register accesses by more than one frame copy.
+//! One thread per endpoint serves a few clients at a time without ever waiting on one (see
+//! [`ControlServer`]). Capturing holds the instance lock only for the copy out of VRAM, and the
+//! PNG encode and the send happen without it, so a screenshot never delays the guest's register
+//! accesses by more than one frame copy.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,17 +21,20 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, Level};
+use mio::{Events, Interest, Poll, Token, Waker};
 use serde::{Deserialize, Serialize};
 
 use crate::display::encode_png;
 use crate::instance::{lock, SharedInstance, Status};
+use crate::log_limited;
+use crate::ratelimit::RateLimit;
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 4096;
-/// How long a control client may take to send its request.
+/// How long the CLI waits for an instance's reply.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A control request.
@@ -57,70 +61,299 @@ struct Reply {
     png_bytes: Option<u64>,
 }
 
-/// The running control thread.
+/// Most connections one endpoint holds at once; a client beyond them is told it is busy.
+pub const MAX_CONNECTIONS: usize = 4;
+/// How long a control client may take to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a control client may take to read its reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Connection `i` is `Token(FIRST_CONN + i)`.
+const FIRST_CONN: usize = 2;
+
+/// Answers one request line (never empty) by appending the reply's bytes to the buffer.
+type Handler = dyn Fn(&str, &mut Vec<u8>) -> io::Result<()> + Send + Sync;
+
+/// A control endpoint: one thread with a poll loop that reads requests and writes replies
+/// without blocking, for at most [`MAX_CONNECTIONS`] clients at a time, each with a deadline.
+/// It never waits on a client: a silent or slow one delays neither other requests nor
+/// [`ControlServer::stop`], and no client can make it start a thread.
 #[derive(Debug)]
 pub struct ControlServer {
     stop: Arc<AtomicBool>,
-    path: std::path::PathBuf,
+    waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
-    /// Serves `listener` for `instance` on a new thread.
-    pub fn spawn(
-        listener: UnixListener,
-        path: &Path,
-        instance: SharedInstance,
-    ) -> io::Result<Self> {
+    /// Serves the control endpoint of `instance` on `listener`.
+    pub fn spawn(listener: UnixListener, instance: SharedInstance) -> io::Result<Self> {
+        ControlServer::spawn_with(listener, "control", move |line, out| {
+            serve_one(line, out, &instance)
+        })
+    }
+
+    /// Serves `listener` on a thread named `name`, answering each request line with `handler`.
+    pub fn spawn_with<F>(listener: UnixListener, name: &str, handler: F) -> io::Result<Self>
+    where
+        F: Fn(&str, &mut Vec<u8>) -> io::Result<()> + Send + Sync + 'static,
+    {
+        listener.set_nonblocking(true)?;
+        let mut listener = mio::net::UnixListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let endpoint = Endpoint {
+            poll,
+            listener,
+            stop: stop.clone(),
+            conns: (0..MAX_CONNECTIONS).map(|_| None).collect(),
+            handler: Box::new(handler),
+            name: name.to_string(),
+            log: RateLimit::default(),
+        };
         let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if flag.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match conn {
-                        Ok(stream) => {
-                            if let Err(e) = serve_one(stream, &instance) {
-                                // The requester went away or stalled; its problem, not ours.
-                                debug!("control request failed: {e}");
-                            }
-                        }
-                        Err(e) => warn!("control accept failed: {e}"),
-                    }
-                }
-            })?;
+            .name(name.to_string())
+            .spawn(move || endpoint.run())?;
         Ok(ControlServer {
             stop,
-            path: path.to_path_buf(),
+            waker,
             thread: Some(thread),
         })
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops the endpoint, dropping the connections in progress, and waits for its thread
+    /// (which never waits on a client).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
-        let _ = UnixStream::connect(&self.path);
+        let _ = self.waker.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve_one(stream: UnixStream, instance: &SharedInstance) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// One client of an endpoint.
+struct Conn {
+    stream: mio::net::UnixStream,
+    /// The request read so far.
+    input: Vec<u8>,
+    /// The reply, once there is one, and how much of it was sent.
+    output: Option<(Vec<u8>, usize)>,
+    deadline: Instant,
+}
+
+/// What to do with a connection after serving an event.
+enum Next {
+    Keep,
+    Close(&'static str),
+}
+
+/// The loop of a [`ControlServer`].
+struct Endpoint {
+    poll: Poll,
+    listener: mio::net::UnixListener,
+    stop: Arc<AtomicBool>,
+    conns: Vec<Option<Conn>>,
+    handler: Box<Handler>,
+    name: String,
+    log: RateLimit,
+}
+
+impl Endpoint {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(16);
+        // After a failed accept (out of descriptors, say), look again a little later: the
+        // readiness was consumed, and the refused connection still waits in the backlog.
+        let mut retry: Option<Instant> = None;
+        while !self.stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            let wake_at = self
+                .conns
+                .iter()
+                .flatten()
+                .map(|c| c.deadline)
+                .chain(retry)
+                .min();
+            let timeout = wake_at.map(|t| t.saturating_duration_since(now));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log_limited!(self.log, Level::Warn, "{} poll failed: {e}", self.name);
+                    retry = Some(Instant::now() + Duration::from_millis(100));
+                }
+                continue;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let mut accept = retry.is_some_and(|t| t <= Instant::now());
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => accept = true,
+                    WAKER => {}
+                    Token(t) => self.drive(t - FIRST_CONN),
+                }
+            }
+            if accept {
+                retry = self.accept();
+            }
+            let now = Instant::now();
+            for slot in &mut self.conns {
+                if slot.as_ref().is_some_and(|c| c.deadline <= now) {
+                    debug!("{}: a client took too long; dropped", self.name);
+                    *slot = None;
+                }
+            }
+        }
+    }
+
+    /// Accepts every waiting client; returns when to try again after a failure.
+    fn accept(&mut self) -> Option<Instant> {
+        loop {
+            let (mut stream, _) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log_limited!(self.log, Level::Warn, "{} accept failed: {e}", self.name);
+                    return Some(Instant::now() + Duration::from_millis(100));
+                }
+            };
+            let Some(slot) = self.conns.iter().position(Option::is_none) else {
+                // Non-blocking: a short line into an empty socket buffer, or nothing.
+                let busy = serde_json::json!({
+                    "ok": false,
+                    "error": format!("busy: {MAX_CONNECTIONS} requests in progress; try again"),
+                });
+                let _ = writeln!(&stream, "{busy}");
+                log_limited!(
+                    self.log,
+                    Level::Warn,
+                    "{}: {MAX_CONNECTIONS} requests in progress; refused another",
+                    self.name
+                );
+                continue;
+            };
+            let token = Token(FIRST_CONN + slot);
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE)
+            {
+                log_limited!(self.log, Level::Warn, "{}: {e}", self.name);
+                continue;
+            }
+            self.conns[slot] = Some(Conn {
+                stream,
+                input: Vec::new(),
+                output: None,
+                deadline: Instant::now() + REQUEST_TIMEOUT,
+            });
+            // Data may have arrived before the registration.
+            self.drive(slot);
+        }
+    }
+
+    /// Reads, answers and writes as far as the socket allows without blocking.
+    fn drive(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let next = match conn.output {
+            None => read_request(conn, &self.handler, self.poll.registry(), slot),
+            Some(_) => write_reply(conn),
+        };
+        if let Next::Close(why) = next {
+            debug!("{}: connection closed: {why}", self.name);
+            self.conns[slot] = None;
+        }
+    }
+}
+
+fn read_request(conn: &mut Conn, handler: &Handler, registry: &mio::Registry, slot: usize) -> Next {
+    let mut buf = [0u8; 1024];
+    let mut eof = false;
+    loop {
+        match conn.stream.read(&mut buf) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => {
+                conn.input.extend_from_slice(&buf[..n]);
+                if conn.input.len() as u64 > MAX_REQUEST || conn.input.contains(&b'\n') {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Next::Close("read failed"),
+        }
+    }
+    let end = conn.input.iter().position(|&b| b == b'\n');
+    if end.is_none() && !eof {
+        if conn.input.len() as u64 > MAX_REQUEST {
+            return Next::Close("request too long");
+        }
+        return Next::Keep;
+    }
+    let line = &conn.input[..end.unwrap_or(conn.input.len())];
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Next::Close("request is not UTF-8");
+    };
     if line.trim().is_empty() {
         // A probe that connected and left (a readiness check): nothing to answer.
-        return Ok(());
+        return Next::Close("empty request");
     }
-    let mut out = &stream;
-    let fail = |out: &mut &UnixStream, error: String| -> io::Result<()> {
+    let mut reply = Vec::new();
+    if handler(line.trim(), &mut reply).is_err() {
+        return Next::Close("cannot encode the reply");
+    }
+    conn.output = Some((reply, 0));
+    conn.deadline = Instant::now() + REPLY_TIMEOUT;
+    if registry
+        .reregister(
+            &mut conn.stream,
+            Token(FIRST_CONN + slot),
+            Interest::WRITABLE,
+        )
+        .is_err()
+    {
+        return Next::Close("cannot wait for the client");
+    }
+    write_reply(conn)
+}
+
+fn write_reply(conn: &mut Conn) -> Next {
+    let Some((reply, sent)) = conn.output.as_mut() else {
+        return Next::Keep;
+    };
+    while *sent < reply.len() {
+        match conn.stream.write(&reply[*sent..]) {
+            Ok(0) => return Next::Close("client gone"),
+            Ok(n) => *sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Next::Close("write failed"),
+        }
+    }
+    Next::Close("answered")
+}
+
+fn serve_one(line: &str, out: &mut Vec<u8>, instance: &SharedInstance) -> io::Result<()> {
+    let mut out = out;
+    let fail = |out: &mut &mut Vec<u8>, error: String| -> io::Result<()> {
         let reply = Reply {
             ok: false,
             error: Some(error),
@@ -198,12 +431,17 @@ fn exchange(
         source,
     })?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    let mut w = &stream;
     let line = serde_json::to_string(request).map_err(|e| ControlError::BadReply(e.to_string()))?;
-    writeln!(w, "{line}")?;
+    let sent = writeln!(&stream, "{line}");
     let mut reader = BufReader::new(stream);
     let mut header = String::new();
-    reader.by_ref().take(1 << 20).read_line(&mut header)?;
+    // A busy endpoint answers and closes without reading: its answer is still there to read
+    // when the send failed.
+    let read = reader.by_ref().take(1 << 20).read_line(&mut header);
+    if header.trim().is_empty() {
+        sent?;
+        read?;
+    }
     let reply: Reply =
         serde_json::from_str(header.trim()).map_err(|e| ControlError::BadReply(e.to_string()))?;
     if !reply.ok {

@@ -69,6 +69,9 @@ pub enum CliError {
     /// A bad daemon configuration.
     #[error("{0}")]
     Config(String),
+    /// The daemon's root cannot be used.
+    #[error(transparent)]
+    Root(#[from] crate::daemon::RootError),
     /// The FUSE tree could not be mounted.
     #[error("cannot mount the mdev tree at {}", path.display())]
     Mount {
@@ -93,7 +96,8 @@ impl CliError {
             | CliError::NoDefaultType
             | CliError::NotServable { .. }
             | CliError::BadUuid(_)
-            | CliError::Config(_) => EXIT_USAGE,
+            | CliError::Config(_)
+            | CliError::Root(_) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -116,4 +120,16 @@ impl CliError {
             _ => Vec::new(),
         }
     }
+}
+
+/// An error and its causes on one line, `error: cause: cause's cause`, as the CLI prints them.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
 }

@@ -96,8 +96,45 @@ pub enum ManageError {
         value: String,
     },
     /// The instance could not be started.
-    #[error("cannot start the instance: {0}")]
-    Start(String),
+    #[error("cannot start the instance")]
+    Start(#[from] StartError),
+}
+
+/// Why a new instance could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Its socket or control socket.
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+    /// Its device or VRAM.
+    #[error(transparent)]
+    Instance(#[from] crate::instance::InstanceError),
+    /// Its server or threads.
+    #[error("cannot start the instance's server")]
+    Server(#[source] std::io::Error),
+}
+
+impl StartError {
+    /// The errno the kernel would report for a parent driver's failure of this kind: the
+    /// cause's own errno where the kernel uses it too, EIO otherwise.
+    fn errno(&self) -> i32 {
+        let io = |e: &std::io::Error| match e.raw_os_error() {
+            Some(n @ (libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::ENOSPC | libc::EROFS)) => {
+                n
+            }
+            _ => libc::EIO,
+        };
+        match self {
+            StartError::Socket(socket::SocketError::TooLong { .. }) => libc::ENAMETOOLONG,
+            StartError::Socket(
+                socket::SocketError::InUse(_) | socket::SocketError::NotSocket(_),
+            ) => libc::EBUSY,
+            StartError::Socket(socket::SocketError::Io { source, .. }) => io(source),
+            StartError::Instance(crate::instance::InstanceError::Vram { source, .. }) => io(source),
+            StartError::Instance(_) => libc::EIO,
+            StartError::Server(source) => io(source),
+        }
+    }
 }
 
 impl ManageError {
@@ -112,7 +149,7 @@ impl ManageError {
             // What a VRAM-accounting parent driver answers (the kernel's mbochs sample returns
             // ENOSPC from probe; the mdev core itself said EUSERS only in 5.16-6.0).
             ManageError::NoCapacity { .. } => libc::ENOSPC,
-            ManageError::Start(_) => libc::EIO,
+            ManageError::Start(e) => e.errno(),
         }
     }
 }
@@ -309,21 +346,21 @@ impl Manager {
             });
         }
         let socket = self.socket_path(&uuid);
-        let start = |e: &dyn std::fmt::Display| ManageError::Start(e.to_string());
-        let listener = socket::bind(&socket).map_err(|e| start(&e))?;
+        let listener = socket::bind(&socket).map_err(StartError::from)?;
         let guard = RemoveOnDrop(socket.clone());
         let ctl = control_path(&socket);
-        let ctl_listener = socket::bind(&ctl).map_err(|e| start(&e))?;
+        let ctl_listener = socket::bind(&ctl).map_err(StartError::from)?;
         let ctl_guard = RemoveOnDrop(ctl.clone());
-        let (instance, vram) = Instance::new(&ty, uuid, socket.clone()).map_err(|e| start(&e))?;
+        let (instance, vram) =
+            Instance::new(&ty, uuid, socket.clone()).map_err(StartError::from)?;
         let shared = Arc::new(Mutex::new(instance));
         let control =
-            ControlServer::spawn(ctl_listener, &ctl, shared.clone()).map_err(|e| start(&e))?;
+            ControlServer::spawn(ctl_listener, shared.clone()).map_err(StartError::Server)?;
         let (mut server, stop) = match Server::new(listener, shared.clone(), vram) {
             Ok(s) => s,
             Err(e) => {
                 control.stop();
-                return Err(start(&e));
+                return Err(StartError::Server(e).into());
             }
         };
         let thread = std::thread::Builder::new()
@@ -337,7 +374,7 @@ impl Manager {
             Ok(t) => t,
             Err(e) => {
                 control.stop();
-                return Err(start(&e));
+                return Err(StartError::Server(e).into());
             }
         };
         info!(
@@ -577,5 +614,38 @@ mod tests {
         )
         .is_err());
         m.remove_all();
+    }
+
+    #[test]
+    fn start_failures_keep_their_cause_and_a_kernel_errno() {
+        let dir = tempfile::tempdir().unwrap();
+        let ty = "vgpu_emu-emu_16m-v1";
+        let uuid = "44444444-4444-4444-4444-444444444444";
+        // The run directory went away under the manager.
+        let mut m = manager(&dir.path().join("gone"));
+        let e = m.create("emu0", ty, uuid).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        let why = crate::error::chain(&e);
+        assert!(
+            why.starts_with("cannot start the instance: cannot listen on ")
+                && why.ends_with(&std::io::Error::from_raw_os_error(libc::ENOENT).to_string()),
+            "{why}"
+        );
+        // A socket path too long for a socket address.
+        let long = dir.path().join("d".repeat(100));
+        std::fs::create_dir(&long).unwrap();
+        let mut m = manager(&long);
+        let e = m.create("emu0", ty, uuid).unwrap_err();
+        assert_eq!(e.errno(), libc::ENAMETOOLONG);
+        let why = crate::error::chain(&e);
+        assert!(
+            why.contains("over the 107 a UNIX socket path may have"),
+            "{why}"
+        );
+        assert_eq!(m.uuids(None), Vec::<Uuid>::new(), "nothing was created");
+        assert!(
+            std::fs::read_dir(&long).unwrap().next().is_none(),
+            "nothing left behind"
+        );
     }
 }

@@ -15,6 +15,10 @@
 //!     frame_rate_limiter                       (read/write 0 or 1; not guest ABI)
 //! ```
 //!
+//! Modes and ownership are sysfs's (see [`MdevFs::attr`]) and the kernel enforces them
+//! (`default_permissions`): every user may read the tree, only the daemon's user and root may
+//! create, remove or change an instance.
+//!
 //! Every node is computed from the manager's live state on each request, attributes and entries
 //! are never cached (TTL 0) and files are opened for direct I/O, so a read always reflects the
 //! current state. A write to `create` returns only once the instance listens, or fails with the
@@ -57,6 +61,8 @@ pub struct MdevFs {
     manager: SharedManager,
     inodes: Mutex<Inodes>,
     started: SystemTime,
+    /// Owner (uid, gid) of every node: the daemon's own, root when it runs as root.
+    owner: (u32, u32),
 }
 
 #[derive(Debug, Default)]
@@ -201,10 +207,13 @@ impl MdevFs {
     pub fn new(manager: SharedManager) -> Self {
         let mut inodes = Inodes::default();
         inodes.intern("");
+        // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+        let owner = unsafe { (libc::geteuid(), libc::getegid()) };
         MdevFs {
             manager,
             inodes: Mutex::new(inodes),
             started: SystemTime::now(),
+            owner,
         }
     }
 
@@ -212,6 +221,10 @@ impl MdevFs {
         self.inodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Attributes as sysfs has them: directories 0755, read-only files 0444, read-write files
+    /// 0644, write-only files (`create`, `remove`) 0200, all owned by the daemon's user. The tree
+    /// is mounted with `default_permissions`, so the kernel checks these modes against the
+    /// caller: anyone may read, only the owner (and root) may write.
     fn attr(&self, ino: u64, node: &Node) -> FileAttr {
         let (kind, perm, size, nlink) = match node {
             Node::Dir(_) => (FileType::Directory, 0o755, 0, 2),
@@ -235,8 +248,8 @@ impl MdevFs {
             kind,
             perm,
             nlink,
-            uid: 0,
-            gid: 0,
+            uid: self.owner.0,
+            gid: self.owner.1,
             rdev: 0,
             blksize: 4096,
             flags: 0,
@@ -257,7 +270,15 @@ impl MdevFs {
         match parts.as_slice() {
             ["devices", p, "mdev_supported_types", t, "create"] => {
                 m.create(p, t, text).map(drop).map_err(|e| {
-                    log::info!("create {} on {p}/{t} refused: {e}", text.trim());
+                    let why = crate::error::chain(&e);
+                    match e {
+                        // Ours: the writer did nothing wrong.
+                        ManageError::Start(_) => {
+                            log::warn!("create {} on {p}/{t} failed: {why}", text.trim())
+                        }
+                        // The writer's mistake, answered with the kernel's errno.
+                        _ => log::info!("create {} on {p}/{t} refused: {why}", text.trim()),
+                    }
                     errno(&e)
                 })
             }

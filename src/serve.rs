@@ -88,8 +88,7 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
 
     let (instance, vram_file) = Instance::new(ty, config.uuid, config.socket.clone())?;
     let shared = Arc::new(Mutex::new(instance));
-    let control =
-        ControlServer::spawn(ctl_listener, &ctl_path, shared.clone()).map_err(CliError::Runtime)?;
+    let control = ControlServer::spawn(ctl_listener, shared.clone()).map_err(CliError::Runtime)?;
     let (mut server, stop) = Server::new(listener, shared, vram_file).map_err(CliError::Runtime)?;
 
     let mut signals = signal_hook::iterator::Signals::new([

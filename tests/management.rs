@@ -368,3 +368,463 @@ fn a_200_instance_churn_leaks_no_fd_mapping_or_thread() {
     assert_eq!(d.available("emu0", M64), 32);
     assert!(d.mdevctl_ok(&["list"]).trim().is_empty());
 }
+
+/// Runs `sh -c SCRIPT` as user and group `nobody` (65534) with no supplementary groups.
+fn as_nobody(script: &str) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn other_users_read_the_tree_but_cannot_manage_instances() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    // Let other users reach the root, as they reach /sys.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(dir, &[]);
+    d.create("emu0", M64, U1).unwrap();
+    let ty = d.sys(&format!("class/mdev_bus/emu0/mdev_supported_types/{M64}"));
+    let inst = d.sys(&format!("bus/mdev/devices/{U1}"));
+    // sysfs's modes, owned by the daemon's user (root here).
+    for (path, mode) in [
+        (ty.clone(), 0o755),
+        (ty.join("name"), 0o444),
+        (ty.join("available_instances"), 0o444),
+        (ty.join("create"), 0o200),
+        (inst.join("remove"), 0o200),
+        (inst.join("frame_rate_limiter"), 0o644),
+    ] {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(mode_of(&path), mode, "{}", path.display());
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{}", path.display());
+    }
+    let ctl = d.root.join("run/daemon.ctl");
+    let sock = d.root.join(format!("run/{U1}.sock"));
+    for s in [&ctl, &sock, &common::ctl_path(&sock)] {
+        assert_eq!(mode_of(s), 0o600, "{}", s.display());
+    }
+
+    // Reads are for everyone.
+    let out = as_nobody(&format!(
+        "cat {0}/name {0}/available_instances {1}/frame_rate_limiter",
+        ty.display(),
+        inst.display()
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "EMU-64M@1\n31\n1\n");
+
+    // Writes are refused by the kernel, and change nothing.
+    let refused = |script: String| {
+        let out = as_nobody(&script);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "`{script}` worked as nobody");
+        assert!(err.contains("Permission denied"), "`{script}`: {err}");
+    };
+    refused(format!("echo {U2} > {}/create", ty.display()));
+    refused(format!("echo 1 > {}/remove", inst.display()));
+    refused(format!("echo 0 > {}/frame_rate_limiter", inst.display()));
+    // Nor can they reach the sockets that manage instances.
+    refused(format!("{BIN} status --socket {}", sock.display()));
+    refused(format!("{BIN} list --root {}", d.root.display()));
+    let list = d.mdevctl_ok(&["list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.contains(U1) && !list.contains(U2), "{list}");
+    assert_eq!(d.available("emu0", M64), 31);
+    assert_eq!(d.status(U1)["frame_rate_limiter"], true);
+
+    // The owner still manages.
+    std::fs::write(inst.join("frame_rate_limiter"), "0").unwrap();
+    assert_eq!(d.status(U1)["frame_rate_limiter"], false);
+    std::fs::write(inst.join("remove"), "1").unwrap();
+    assert_eq!(d.available("emu0", M64), 32);
+}
+
+/// Connects to `path` and says nothing for as long as the stream lives.
+fn silent_client(path: &Path) -> std::os::unix::net::UnixStream {
+    std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()))
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn silent_control_clients_stall_neither_requests_nor_removal() {
+    use std::time::Instant;
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &[]);
+    d.create("emu0", M64, U1).unwrap();
+    d.create("emu0", M64, U2).unwrap();
+    let ctl = common::ctl_path(&d.root.join(format!("run/{U1}.sock")));
+
+    // A client that connected and says nothing does not hold up the next one.
+    let _silent = silent_client(&ctl);
+    let silent_daemon = silent_client(&d.root.join("run/daemon.ctl"));
+    let t = Instant::now();
+    assert_eq!(d.status(U1)["uuid"], U1);
+    let root = d.root.display().to_string();
+    assert!(vgpu_emu_ok(&["list", "--root", &root]).contains(U1));
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "status and list took {took:?} behind silent clients"
+    );
+
+    // Many silent clients: the endpoint answers `busy` at once, and starts no thread for them.
+    let tasks = d.count("task");
+    let crowd: Vec<_> = (0..40).map(|_| silent_client(&ctl)).collect();
+    let busy = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(d.root.join(format!("run/{U1}.sock")))
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert_eq!(d.count("task"), tasks, "threads for 40 silent clients");
+    // Another instance is not affected.
+    assert_eq!(d.status(U2)["uuid"], U2);
+
+    // Removal does not wait on the clients; the tree answers meanwhile.
+    let t = Instant::now();
+    std::fs::write(d.sys(&format!("bus/mdev/devices/{U1}/remove")), "1").unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "removal with silent control clients took {took:?}"
+    );
+    assert_eq!(d.available("emu0", M64), 31);
+    drop(crowd);
+    // A silent client is cut off after its deadline.
+    let mut silent = silent_daemon;
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let t = Instant::now();
+    assert_eq!(
+        std::io::Read::read_to_end(&mut silent, &mut rest).unwrap(),
+        0
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "cut off after {:?}",
+        t.elapsed()
+    );
+}
+
+/// Runs `vgpu-emu daemon --root ROOT` (through `wrapper` when given) expecting it to refuse to
+/// start: returns its exit code and stderr. Fails if it comes up instead.
+fn daemon_refuses(wrapper: &[&str], root: &Path) -> (i32, String) {
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let mut child = cmd
+        .arg("daemon")
+        .arg("--root")
+        .arg(root)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(Duration::from_secs(20), "the daemon to exit", || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        })
+    }));
+    if waited.is_err() {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "the daemon started on {} instead of refusing: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).starts_with("vgpu-emu daemon:"),
+        "it came up"
+    );
+    (
+        status.unwrap().code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn the_daemon_cleans_up_only_what_is_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let sys = root.join("sys");
+    // Someone else's filesystems where the tree goes: refused, and left mounted.
+    for fstype in ["tmpfs", "sysfs"] {
+        std::fs::create_dir_all(&sys).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", fstype, fstype])
+            .arg(&sys)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount {fstype}");
+        let (code, err) = daemon_refuses(&[], root);
+        let still = mounts_at(&sys);
+        let unmounted = Command::new("umount").arg(&sys).status().unwrap();
+        assert_eq!(still, 1, "the {fstype} at {} was detached", sys.display());
+        assert!(unmounted.success());
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!(
+                "{} is a mount of {fstype} (source `{fstype}`), not a vgpu-emu tree",
+                sys.display()
+            )),
+            "{err}"
+        );
+    }
+    // Files in the tree's directory are not hidden under the mount.
+    std::fs::write(sys.join("keep"), "x").unwrap();
+    let (code, err) = daemon_refuses(&[], root);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{} is not empty", sys.display())),
+        "{err}"
+    );
+    std::fs::remove_file(sys.join("keep")).unwrap();
+
+    // Another service's dead socket in run/ survives; ours (a UUID's) are cleaned up.
+    let run = root.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let foreign = run.join("other-service.sock");
+    let stale = run.join(format!("{U1}.sock"));
+    for s in [&foreign, &stale] {
+        drop(std::os::unix::net::UnixListener::bind(s).unwrap());
+        assert!(s.exists());
+    }
+    let d = Daemon::start_at(root, &[]);
+    assert!(foreign.exists(), "a socket that is not ours was removed");
+    assert!(!stale.exists(), "our stale socket stayed");
+    // A SIGTERM right after the readiness line stops it cleanly.
+    drop(d);
+    assert_eq!(mounts_at(&sys), 0, "SIGTERM unmounts");
+    assert!(
+        !run.join("daemon.ctl").exists(),
+        "SIGTERM removes the control socket"
+    );
+    assert!(foreign.exists());
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn shared_system_directories_are_refused_as_roots() {
+    // In a private mount namespace, so a daemon that wrongly went ahead could not harm the host.
+    let private = ["unshare", "--mount", "--propagation", "private"];
+    for root in ["/", "/tmp", "/run"] {
+        let (code, err) = daemon_refuses(&private, Path::new(root));
+        assert_eq!(code, 2, "{root}: {err}");
+        assert!(
+            err.contains(&format!("{root} is a shared system directory")),
+            "{root}: {err}"
+        );
+    }
+    assert!(
+        Path::new("/sys/kernel").exists(),
+        "the host keeps its sysfs"
+    );
+}
+
+/// A fresh directory whose path is exactly `len` bytes long.
+fn root_of_len(base: &Path, len: usize) -> PathBuf {
+    let used = base.as_os_str().len() + 1;
+    let root = base.join("r".repeat(len - used));
+    assert_eq!(root.as_os_str().len(), len);
+    root
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn long_roots_are_refused_up_front_and_a_fitting_one_works() {
+    let dir = tempfile::tempdir().unwrap();
+    // 57 bytes is the most: DIR/run/<uuid>.sock.ctl is then 107 bytes.
+    for len in [58, 86] {
+        let root = root_of_len(dir.path(), len);
+        let (code, err) = daemon_refuses(&[], &root);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!(
+                "root {} is {len} bytes long: instance sockets under it",
+                root.display()
+            )) && err.contains(
+                "over the 107 a UNIX socket path may have; use a root of at most 57 bytes"
+            ),
+            "{err}"
+        );
+    }
+    // 57 bytes: the sockets fit, the tree's links to them do not; QEMU gets DIR/run/<uuid>.sock.
+    let root = root_of_len(dir.path(), 57);
+    let d = Daemon::start_at(&root, &[]);
+    d.mdevctl_ok(&["start", "-u", U1, "-p", "emu0", "--type", M64]);
+    let list: serde_json::Value = serde_json::from_str(&vgpu_emu_ok(&[
+        "list",
+        "--root",
+        root.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let socket = PathBuf::from(list[0]["socket"].as_str().unwrap());
+    assert_eq!(socket, root.join(format!("run/{U1}.sock")));
+    let client = vfio_user::Client::new(&socket).expect("a vfio-user client connects");
+    drop(client);
+    // The CLI follows the tree's link itself.
+    assert_eq!(d.status(U1)["uuid"], U1);
+    d.mdevctl_ok(&["stop", "-u", U1]);
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn accept_failures_are_logged_rate_limited_and_retried() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let log_path = dir.path().join("daemon.log");
+    let mut child = Command::new(BIN)
+        .arg("daemon")
+        .arg("--root")
+        .arg(&root)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("vgpu-emu daemon:"), "{line:?}");
+    let d = Daemon {
+        child,
+        root: root.clone(),
+        _dir: None,
+    };
+    d.create("emu0", M64, U1).unwrap();
+    let socket = root.join(format!("run/{U1}.sock"));
+    let prlimit = |limit: usize| {
+        let ok = Command::new("prlimit")
+            .arg(format!("--pid={}", d.pid()))
+            // The soft limit only: raising it again needs no privilege.
+            .arg(format!("--nofile={limit}:"))
+            .status()
+            .unwrap();
+        assert!(ok.success(), "prlimit");
+    };
+    // No descriptor left: every accept fails while a client waits in the backlog.
+    // Descriptors 0-2 are open (stdin, stdout, stderr): with a limit of 3 no new one can be
+    // made, while those already open stay usable.
+    prlimit(3);
+    let mut waiting = silent_client(&common::ctl_path(&socket));
+    let failures = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("accept failed"))
+            .count()
+    };
+    // (A design that blocks in accept(2) holds a descriptor taken before the limit, and fails
+    // only on the connection after; a client that stalls it for its timeout delays that.)
+    wait_until(Duration::from_secs(30), "an accept failure logged", || {
+        failures() > 0
+    });
+    // A window of the retry loop: at most one burst of lines, however often it retried.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logged = failures();
+    assert!(logged <= 10, "{logged} accept failures logged in 1.5 s");
+    // Descriptors back: the waiting client is served without connecting again.
+    prlimit(1024);
+    use std::io::Write;
+    writeln!(waiting, r#"{{"op":"status"}}"#).unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = String::new();
+    BufReader::new(&waiting).read_line(&mut reply).unwrap();
+    assert!(reply.contains(r#""ok":true"#), "{reply}");
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn a_failed_start_reports_its_cause_and_a_kernel_errno() {
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &[]);
+    let run = d.root.join("run");
+    // The run directory turns read-only under the daemon (its control socket still answers).
+    let sh = |script: &str| {
+        let ok = Command::new("sh").args(["-c", script]).status().unwrap();
+        assert!(ok.success(), "{script}");
+    };
+    let r = run.display();
+    sh(&format!(
+        "mount --bind {r} {r} && mount -o remount,bind,ro {r}"
+    ));
+    let through_tree = d.create("emu0", M64, U1);
+    let cli = Command::new(BIN)
+        .args([
+            "create", "--parent", "emu0", "--type", "EMU-64M", "--uuid", U2, "--root",
+        ])
+        .arg(&d.root)
+        .output()
+        .unwrap();
+    sh(&format!("umount {r}"));
+    assert_eq!(
+        through_tree.unwrap_err().raw_os_error(),
+        Some(libc::EROFS),
+        "mdevctl sees the cause's errno, not EIO"
+    );
+    let err = String::from_utf8_lossy(&cli.stderr);
+    assert!(!cli.status.success());
+    assert!(
+        err.contains(&format!(
+            "cannot start the instance: cannot listen on {}/{U2}.sock: Read-only file system",
+            run.display()
+        )),
+        "{err}"
+    );
+    assert!(d.mdevctl_ok(&["list"]).trim().is_empty());
+    assert_eq!(d.available("emu0", M64), 32);
+    // And once the directory is writable again, the same create works.
+    d.create("emu0", M64, U1).unwrap();
+}
