@@ -35,6 +35,8 @@ struct TypeView<'a> {
     source: &'a str,
     default: bool,
     newest: bool,
+    /// A bare `name` resolves to this version.
+    resolves_bare: bool,
     served: bool,
     available_instances: u32,
     fingerprint: String,
@@ -50,6 +52,7 @@ fn view<'a>(catalog: &Catalog, ty: &'a VgpuType) -> TypeView<'a> {
         source: &ty.source,
         default: catalog.default_type().is_some_and(|d| d.key() == ty.key()),
         newest: catalog.is_newest(ty),
+        resolves_bare: catalog.is_bare_resolution(ty),
         served: ty.personality.is_implemented(),
         available_instances: catalog.instances_on_empty_parent(ty),
         fingerprint: fingerprint(ty).to_string(),
@@ -186,13 +189,25 @@ pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, Cli
     let family = catalog.family(&ty.family);
     let p = &ty.pci;
     let mut status = Vec::new();
-    if v.newest {
-        status.push(format!("newest version of {}", ty.name));
-    } else {
-        status.push(format!(
-            "an older version of {} (a bare name resolves elsewhere)",
+    match (v.newest, v.resolves_bare) {
+        (true, true) => status.push(format!("newest version of {}", ty.name)),
+        (false, true) => status.push(format!(
+            "what a bare {} resolves to (newer versions are deprecated)",
             ty.name
-        ));
+        )),
+        (newest, false) => {
+            let bare = catalog.resolve(&ty.name)?;
+            status.push(format!(
+                "{}; a bare {} resolves to {}",
+                if newest {
+                    "newest version"
+                } else {
+                    "an older version"
+                },
+                ty.name,
+                bare.key()
+            ));
+        }
     }
     if ty.deprecated {
         status.push("deprecated".into());
@@ -311,6 +326,72 @@ mod tests {
         assert!(out.contains("num_heads=4, frl_config=60, framebuffer=2048M, max_resolution=2560x1600, max_instance=4"));
         let json: serde_json::Value = serde_json::from_str(&types(&c, true).unwrap()).unwrap();
         assert_eq!(json.as_array().unwrap().len(), c.types().len());
+    }
+
+    /// A bochs type record for `--types-file` tests.
+    fn lab(version: u32, framebuffer: &str, extra: &str) -> String {
+        format!(
+            r#"[[type]]
+name = "LAB-32M"
+version = {version}
+family = "emu"
+personality = "bochs"
+pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}
+framebuffer = "{framebuffer}"
+num_heads = 1
+max_resolution = "2560x1440"
+default_resolution = "1920x1080"
+frl = 30
+max_instances = 8
+{extra}
+"#
+        )
+    }
+
+    #[test]
+    fn describe_a_bare_name_shows_the_newest_version() {
+        let mut c = Catalog::builtin().unwrap();
+        // @2 has the smaller framebuffer, so it sorts before @1 in the table.
+        c.add_toml("lab.toml", &(lab(1, "64M", "") + &lab(2, "32M", "")))
+            .unwrap();
+        let out = describe(&c, "LAB-32M", false).unwrap();
+        assert!(
+            out.starts_with("LAB-32M@2  (newest version of LAB-32M)"),
+            "{out}"
+        );
+        assert!(out.contains("framebuffer         32M"), "{out}");
+        let out = describe(&c, "LAB-32M@1", false).unwrap();
+        assert!(
+            out.starts_with("LAB-32M@1  (an older version; a bare LAB-32M resolves to LAB-32M@2)"),
+            "{out}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&describe(&c, "LAB-32M", true).unwrap()).unwrap();
+        assert_eq!(
+            (json["version"].as_u64(), json["resolves_bare"].as_bool()),
+            (Some(2), Some(true))
+        );
+
+        let mut c = Catalog::builtin().unwrap();
+        c.add_toml(
+            "lab.toml",
+            &(lab(1, "64M", "") + &lab(2, "32M", "") + &lab(3, "64M", "deprecated = true")),
+        )
+        .unwrap();
+        let out = describe(&c, "LAB-32M", false).unwrap();
+        assert!(
+            out.starts_with(
+                "LAB-32M@2  (what a bare LAB-32M resolves to (newer versions are deprecated))"
+            ),
+            "{out}"
+        );
+        let out = describe(&c, "LAB-32M@3", false).unwrap();
+        assert!(
+            out.starts_with(
+                "LAB-32M@3  (newest version; a bare LAB-32M resolves to LAB-32M@2; deprecated)"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

@@ -569,6 +569,31 @@ mod tests {
             Some("vgpu_emu-emu_1g-v1")
         );
         assert_eq!(m.resolve_type_dir("emu0", "M60-2Q"), None, "another family");
+        m.remove_all();
+    }
+
+    #[test]
+    fn a_bare_name_creates_the_newest_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut catalog = Catalog::builtin().unwrap();
+        let lab = |version: u32, fb: &str| {
+            format!(
+                "[[type]]\nname = \"LAB-32M\"\nversion = {version}\nfamily = \"emu\"\npersonality = \"bochs\"\n\
+                 pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
+                 framebuffer = \"{fb}\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
+                 default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n"
+            )
+        };
+        // @2 has the smaller framebuffer: it sorts first in the table.
+        catalog
+            .add_toml("lab.toml", &(lab(2, "32M") + &lab(1, "64M")))
+            .unwrap();
+        let mut m = Manager::new(catalog, vec!["emu0=emu".parse().unwrap()], dir.path()).unwrap();
+        let dir_name = m.resolve_type_dir("emu0", "LAB-32M").unwrap();
+        assert_eq!(dir_name, "vgpu_emu-lab_32m-v2");
+        m.create("emu0", &dir_name, "44444444-4444-4444-4444-444444444444")
+            .unwrap();
+        assert_eq!(m.list()[0].type_key, "LAB-32M@2");
         assert!("bad".parse::<ParentSpec>().is_err());
         assert!(Manager::new(
             Catalog::builtin().unwrap(),

@@ -368,3 +368,31 @@ fn a_200_instance_churn_leaks_no_fd_mapping_or_thread() {
     assert_eq!(d.available("emu0", M64), 32);
     assert!(d.mdevctl_ok(&["list"]).trim().is_empty());
 }
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn a_bare_name_creates_the_newest_version() {
+    let dir = tempfile::tempdir().unwrap();
+    // @2 has the smaller framebuffer, so it sorts before @1 in the table.
+    let lab = |version: u32, fb: &str| {
+        format!(
+            "[[type]]\nname = \"LAB-32M\"\nversion = {version}\nfamily = \"emu\"\npersonality = \"bochs\"\n\
+             pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
+             framebuffer = \"{fb}\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
+             default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n"
+        )
+    };
+    let types = dir.path().join("lab.toml");
+    std::fs::write(&types, lab(1, "64M") + &lab(2, "32M")).unwrap();
+    let d = Daemon::start(dir, &["--types-file", types.to_str().unwrap()]);
+    let root = d.root.to_str().unwrap();
+    vgpu_emu_ok(&[
+        "create", "--root", root, "--parent", "emu0", "--type", "LAB-32M", "--uuid", U1,
+    ]);
+    assert_eq!(d.status(U1)["type"], "LAB-32M@2");
+    let list = d.mdevctl_ok(&["list"]);
+    assert!(
+        list.contains(&format!("{U1} emu0 vgpu_emu-lab_32m-v2")),
+        "{list}"
+    );
+}

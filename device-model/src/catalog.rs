@@ -830,37 +830,48 @@ impl Catalog {
             .iter()
             .filter(|t| t.name.eq_ignore_ascii_case(name))
             .collect();
-        if versions.is_empty() {
+        // The newest non-deprecated version, else the newest: by version number alone, because
+        // `types` is sorted by family and framebuffer first and its order says nothing about
+        // which version is newer.
+        let Some(bare) = versions
+            .iter()
+            .copied()
+            .max_by_key(|t| (!t.deprecated, t.version))
+        else {
             return Err(LookupError::UnknownName {
                 name: spec.to_string(),
                 suggestions: self.suggestions(name),
             });
-        }
+        };
         match version {
-            // `versions` is not empty here.
-            None => Ok(versions
-                .iter()
-                .rev()
-                .find(|t| !t.deprecated)
-                .copied()
-                .unwrap_or(versions[versions.len() - 1])),
+            None => Ok(bare),
             Some(v) => {
                 let wanted = v.strip_prefix(['v', 'V']).unwrap_or(v).parse::<u32>().ok();
                 versions
                     .iter()
                     .find(|t| Some(t.version) == wanted)
                     .copied()
-                    .ok_or_else(|| LookupError::UnknownVersion {
-                        name: versions[0].name.clone(),
-                        version: v.to_string(),
-                        available: versions
-                            .iter()
-                            .map(|t| t.version.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                    .ok_or_else(|| {
+                        let mut available: Vec<u32> = versions.iter().map(|t| t.version).collect();
+                        available.sort_unstable();
+                        LookupError::UnknownVersion {
+                            name: bare.name.clone(),
+                            version: v.to_string(),
+                            available: available
+                                .iter()
+                                .map(u32::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        }
                     })
             }
         }
+    }
+
+    /// Whether a bare `ty.name` resolves to `ty` (see [`Catalog::resolve`]).
+    pub fn is_bare_resolution(&self, ty: &VgpuType) -> bool {
+        self.resolve(&ty.name)
+            .is_ok_and(|t| t.version == ty.version)
     }
 
     /// Whether `ty` is the newest version of its name.
@@ -1031,6 +1042,84 @@ mod tests {
         ));
         assert!(!c.is_newest(c.resolve("EMU-16M@2").unwrap()));
         assert!(c.is_newest(c.resolve("EMU-16M@3").unwrap()));
+    }
+
+    /// Versions whose other fields sort the other way: `types` is ordered by family and
+    /// framebuffer, so a newer version may come first, and files may list it first.
+    #[test]
+    fn bare_names_resolve_by_version_number_not_table_order() {
+        let v1 = bochs_toml("LAB-32M", 1, "64M", "2560x1440", "1920x1080", 30, "");
+        let v2 = bochs_toml("LAB-32M", 2, "32M", "2560x1440", "1920x1080", 30, "");
+        let deprecated_v3 = bochs_toml(
+            "LAB-32M",
+            3,
+            "16M",
+            "1280x1024",
+            "1024x768",
+            30,
+            "deprecated = true",
+        );
+
+        // One file, newest first; the newer version has the smaller framebuffer.
+        let mut c = builtin();
+        c.add_toml("lab.toml", &format!("{v2}\n{v1}")).unwrap();
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 2);
+        assert_eq!(c.resolve("lab-32m").unwrap().version, 2);
+        assert!(c.is_bare_resolution(c.resolve("LAB-32M@2").unwrap()));
+        assert!(!c.is_bare_resolution(c.resolve("LAB-32M@1").unwrap()));
+
+        // Two files, the newer version loaded first.
+        let mut c = builtin();
+        c.add_toml("new.toml", &v2).unwrap();
+        c.add_toml("old.toml", &v1).unwrap();
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 2);
+
+        // The newer version in a family that sorts first.
+        let mut c = builtin();
+        let family = "[[family]]\nname = \"aaa\"\ndescription = \"sorts first\"\nvram = \"4G\"\n";
+        c.add_toml(
+            "fam.toml",
+            &format!(
+                "{family}{v1}\n{}",
+                v2.replace("family = \"emu\"", "family = \"aaa\"")
+            ),
+        )
+        .unwrap();
+        let first = c.types().iter().find(|t| t.name == "LAB-32M").unwrap();
+        assert_eq!(
+            first.key(),
+            "LAB-32M@2",
+            "the newer version sorts first here"
+        );
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 2);
+
+        // A newer deprecated version (smallest framebuffer, so it sorts first) is passed over;
+        // when every version is deprecated, the newest is taken.
+        let mut c = builtin();
+        c.add_toml("dep.toml", &format!("{v1}\n{v2}\n{deprecated_v3}"))
+            .unwrap();
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 2);
+        let deprecated = |t: &str| t.to_string() + "deprecated = true\n";
+        let mut c = builtin();
+        c.add_toml(
+            "alldep.toml",
+            &format!("{}\n{}\n{deprecated_v3}", deprecated(&v1), deprecated(&v2)),
+        )
+        .unwrap();
+        assert!(c
+            .types()
+            .iter()
+            .filter(|t| t.name == "LAB-32M")
+            .all(|t| t.deprecated));
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 3);
+
+        // Versions are listed in numeric order whatever the table order.
+        let mut c = builtin();
+        c.add_toml("lab.toml", &format!("{v2}\n{v1}")).unwrap();
+        assert_eq!(
+            c.resolve("LAB-32M@7").unwrap_err().to_string(),
+            "type `LAB-32M` has no version 7 (it has 1, 2)"
+        );
     }
 
     #[test]
