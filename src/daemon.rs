@@ -82,6 +82,9 @@ pub struct Reply {
     /// Why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The refusal is about bad input (see `ManageError::is_bad_input`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bad_input: bool,
     /// Instances (list).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<Vec<InstanceInfo>>,
@@ -244,6 +247,7 @@ fn serve_control(listener: UnixListener, manager: SharedManager) {
                     },
                     Err(e) => Reply {
                         error: Some(e.to_string()),
+                        bad_input: e.is_bad_input(),
                         ..Reply::default()
                     },
                 }
@@ -258,11 +262,13 @@ fn serve_control(listener: UnixListener, manager: SharedManager) {
                         },
                         Err(e) => Reply {
                             error: Some(e.to_string()),
+                            bad_input: e.is_bad_input(),
                             ..Reply::default()
                         },
                     },
                     Err(e) => Reply {
                         error: Some(e),
+                        bad_input: true,
                         ..Reply::default()
                     },
                 }
@@ -293,9 +299,10 @@ pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
         .map_err(CliError::Runtime)?;
     let reply: Reply = serde_json::from_str(line.trim())?;
     if !reply.ok {
-        return Err(CliError::Control(crate::control::ControlError::Refused(
-            reply.error.unwrap_or_else(|| "refused".into()),
-        )));
+        return Err(CliError::Refused {
+            message: reply.error.unwrap_or_else(|| "refused".into()),
+            bad_input: reply.bad_input,
+        });
     }
     Ok(reply)
 }

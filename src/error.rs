@@ -57,6 +57,23 @@ pub enum CliError {
     /// A control request failed.
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// The daemon refused a request.
+    #[error("{message}")]
+    Refused {
+        /// The daemon's reason.
+        message: String,
+        /// The request named something wrong (a bad UUID, an unknown parent, type or instance),
+        /// as opposed to a run-time refusal (no capacity, a taken UUID, a start failure).
+        bad_input: bool,
+    },
+    /// `screenshot --head` names a head the instance does not have.
+    #[error("head {head} does not exist; the instance has {heads} head(s), numbered from 0")]
+    NoSuchHead {
+        /// The head asked for.
+        head: u32,
+        /// Heads of the instance.
+        heads: usize,
+    },
     /// Writing an output file failed.
     #[error("cannot write {}", path.display())]
     Output {
@@ -84,7 +101,9 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The process exit code for this error.
+    /// The process exit code for this error: the one mapping every subcommand uses. Bad input
+    /// (what the user named or wrote is wrong) is [`EXIT_USAGE`], as clap's own errors are; a
+    /// failure at run time is [`EXIT_FAILURE`]. Exhaustive, so a new variant must choose.
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::TypesFile { .. }
@@ -93,8 +112,21 @@ impl CliError {
             | CliError::NoDefaultType
             | CliError::NotServable { .. }
             | CliError::BadUuid(_)
+            | CliError::NoSuchHead { .. }
+            | CliError::Refused {
+                bad_input: true, ..
+            }
             | CliError::Config(_) => EXIT_USAGE,
-            _ => EXIT_FAILURE,
+            CliError::Json(_)
+            | CliError::Socket(_)
+            | CliError::Instance(_)
+            | CliError::Control(_)
+            | CliError::Refused {
+                bad_input: false, ..
+            }
+            | CliError::Output { .. }
+            | CliError::Mount { .. }
+            | CliError::Runtime(_) => EXIT_FAILURE,
         }
     }
 

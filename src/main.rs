@@ -283,6 +283,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             ty,
             uuid,
         } => {
+            if let Some(u) = &uuid {
+                Uuid::parse_str(u).map_err(|_| CliError::BadUuid(u.clone()))?;
+            }
             let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
             let reply = vgpu_emu::daemon::request(
                 &root,
@@ -292,6 +295,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Remove { root, uuid } => {
+            Uuid::parse_str(&uuid).map_err(|_| CliError::BadUuid(uuid.clone()))?;
             let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
             vgpu_emu::daemon::request(&root, &vgpu_emu::daemon::Request::Remove { uuid })?;
             Ok(())
@@ -313,7 +317,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             output,
         } => {
             let socket = std::fs::canonicalize(&socket).unwrap_or(socket);
-            let png = control::screenshot(&control_path(&socket), head)?;
+            let ctl = control_path(&socket);
+            let heads = control::status(&ctl)?.heads.len();
+            if head as usize >= heads {
+                return Err(CliError::NoSuchHead { head, heads });
+            }
+            let png = control::screenshot(&ctl, head)?;
             std::fs::write(&output, &png).map_err(|source| CliError::Output {
                 path: output.clone(),
                 source,

@@ -115,6 +115,22 @@ impl ManageError {
             ManageError::Start(_) => libc::EIO,
         }
     }
+
+    /// Whether the request named something wrong (a bad UUID or value, an unknown parent, type
+    /// or instance) rather than meeting a run-time condition (no capacity, a taken UUID, a
+    /// failed start). The CLI exits 2 for the first, 1 for the second.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            ManageError::BadUuid(_)
+            | ManageError::BadAttr { .. }
+            | ManageError::NoParent(_)
+            | ManageError::NoType { .. }
+            | ManageError::NoInstance(_) => true,
+            ManageError::Exists(_) | ManageError::NoCapacity { .. } | ManageError::Start(_) => {
+                false
+            }
+        }
+    }
 }
 
 /// A running instance.

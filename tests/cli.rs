@@ -94,3 +94,118 @@ fn a_bare_name_describes_and_serves_the_newest_version() {
         "{line}"
     );
 }
+
+/// Runs `vgpu-emu ARGS...` and asserts its exit code and that stderr contains `needle`.
+fn assert_exit<S: AsRef<std::ffi::OsStr>>(args: &[S], code: i32, needle: &str) {
+    let out = run(args);
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "vgpu-emu {shown:?}: {}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(needle),
+        "vgpu-emu {shown:?}: {needle:?} not in {}",
+        stderr(&out)
+    );
+}
+
+const USAGE: i32 = 2;
+const FAILURE: i32 = 1;
+
+/// Bad input exits 2 in every subcommand, as clap's own argument errors do; run-time failures
+/// exit 1. (`create`/`remove` refusals by a live daemon are in tests/management.rs.)
+#[test]
+fn bad_input_exits_2_in_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let missing = format!("{d}/missing.toml");
+    let broken = write(dir.path(), "broken.toml", &lab(1, "24M"));
+    let broken = broken.to_str().unwrap();
+    let sock = format!("{d}/s.sock");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["serve", "--type", "NOPE", "--socket", &sock],
+            "unknown type `NOPE`",
+        ),
+        (
+            &["serve", "--type", "M60-2Q", "--socket", &sock],
+            "cannot serve yet",
+        ),
+        (
+            &["serve", "--uuid", "bad", "--socket", &sock],
+            "invalid UUID `bad`",
+        ),
+        (&["serve", "--bogus"], "unexpected argument"),
+        (
+            &["--types-file", &missing, "types"],
+            "cannot read type file",
+        ),
+        (&["--types-file", broken, "types"], "not a power of two"),
+        (&["describe", "NOPE"], "unknown type `NOPE`"),
+        (&["describe", "EMU-64M@9"], "has no version 9"),
+        (
+            &["status", "--socket", &sock, "--bogus"],
+            "unexpected argument",
+        ),
+        (
+            &["daemon", "--root", d, "--parent", "x=nope"],
+            "unknown family `nope`",
+        ),
+        (&["daemon", "--root", d, "--parent", "x"], "NAME=FAMILY"),
+        (&["list", "--root", d, "--bogus"], "unexpected argument"),
+        (
+            &[
+                "create", "--root", d, "--parent", "emu0", "--type", "EMU-64M", "--uuid", "bad",
+            ],
+            "invalid UUID `bad`",
+        ),
+        (&["remove", "--root", d, "bad"], "invalid UUID `bad`"),
+        (
+            &[
+                "screenshot",
+                "--socket",
+                &sock,
+                "--head",
+                "x",
+                "-o",
+                "x.png",
+            ],
+            "invalid value",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_exit(args, USAGE, needle);
+    }
+    // Nothing answers: a run-time failure, not bad input.
+    let uuid = "11111111-0000-4000-8000-000000000001";
+    for args in [
+        &["status", "--socket", &sock][..],
+        &["screenshot", "--socket", &sock, "-o", "x.png"][..],
+        &["list", "--root", d][..],
+        &[
+            "create", "--root", d, "--parent", "emu0", "--type", "EMU-64M",
+        ][..],
+        &["remove", "--root", d, uuid][..],
+    ] {
+        assert_exit(args, FAILURE, "no vgpu-emu instance answers");
+    }
+}
+
+/// `screenshot --head` beyond the instance's heads is bad input; a head that exists but shows
+/// nothing is a run-time state.
+#[test]
+fn screenshot_of_a_missing_head_exits_2() {
+    let served = common::Served::start("EMU-16M");
+    let out = served.cli(&["screenshot", "--head", "1", "-o", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(USAGE), "{}", stderr(&out));
+    assert!(stderr(&out).contains("head 1 does not exist; the instance has 1 head(s)"));
+    let out = served.cli(&["screenshot", "--head", "0", "-o", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(FAILURE), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not displaying"), "{}", stderr(&out));
+}

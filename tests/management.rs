@@ -396,3 +396,42 @@ fn a_bare_name_creates_the_newest_version() {
         "{list}"
     );
 }
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn create_and_remove_refusals_exit_2_for_bad_input_and_1_at_run_time() {
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &[]);
+    let root = d.root.to_str().unwrap();
+    let code = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let create = |parent: &str, ty: &str, uuid: &str| {
+        code(&[
+            "create", "--root", root, "--parent", parent, "--type", ty, "--uuid", uuid,
+        ])
+    };
+    let (c, e) = create("emu0", "NOPE", U1);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(e.contains("offers no type `NOPE`"), "{e}");
+    let (c, e) = create("nope0", "EMU-64M", U1);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(e.contains("no parent `nope0`"), "{e}");
+    let (c, e) = create("emu0", "bad", "not-a-uuid");
+    assert_eq!(c, Some(2), "{e}");
+    let (c, e) = code(&["remove", "--root", root, U2]);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(e.contains(&format!("no instance {U2}")), "{e}");
+    // Run-time refusals: the UUID is taken, no capacity left.
+    let (c, e) = create("emu0", "EMU-1G", U1);
+    assert_eq!(c, Some(0), "{e}");
+    let (c, e) = create("emu0", "EMU-1G", U1);
+    assert_eq!(c, Some(1), "{e}");
+    assert!(e.contains("already exists"), "{e}");
+    let (c, e) = create("emu0", "EMU-64M", U2);
+    assert_eq!(c, Some(1), "{e}");
+    assert!(d.mdevctl_ok(&["list"]).contains(U1));
+}
