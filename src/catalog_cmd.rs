@@ -1,7 +1,8 @@
 //! `vgpu-emu types` and `vgpu-emu describe`: the type catalog for humans and scripts.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use vgpu_model::catalog::{BarKind, BarSpec};
@@ -12,14 +13,37 @@ use vgpu_model::{Catalog, VgpuType};
 
 use crate::error::CliError;
 
+/// Largest type file read: far above any real table (the built-in one is a few KiB), and small
+/// enough that `--types-file /dev/zero` or a never-ending pipe is refused at once.
+pub const MAX_TYPES_FILE: u64 = 1 << 20;
+
+/// Reads a type file of at most [`MAX_TYPES_FILE`] bytes, never more than one byte past it.
+fn read_types_file(path: &Path) -> Result<String, CliError> {
+    let io = |source| CliError::TypesFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_TYPES_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_TYPES_FILE {
+        return Err(CliError::TypesFileTooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_TYPES_FILE,
+        });
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
 /// Loads the built-in catalog plus `files`, in order.
 pub fn load_catalog(files: &[PathBuf]) -> Result<Catalog, CliError> {
     let mut catalog = Catalog::builtin()?;
     for path in files {
-        let text = std::fs::read_to_string(path).map_err(|source| CliError::TypesFile {
-            path: path.clone(),
-            source,
-        })?;
+        let text = read_types_file(path)?;
         catalog.add_toml(&path.display().to_string(), &text)?;
     }
     Ok(catalog)

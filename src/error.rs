@@ -21,6 +21,14 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// A type file is larger than any type table could be.
+    #[error("type file {} is larger than {} KiB; it cannot be a type table", path.display(), limit >> 10)]
+    TypesFileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The most bytes read.
+        limit: u64,
+    },
     /// A type file (or the built-in table) is invalid.
     #[error("invalid vGPU type")]
     Catalog(#[from] CatalogError),
@@ -107,6 +115,7 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::TypesFile { .. }
+            | CliError::TypesFileTooLarge { .. }
             | CliError::Catalog(_)
             | CliError::Lookup(_)
             | CliError::NoDefaultType

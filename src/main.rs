@@ -20,7 +20,8 @@ use vgpu_emu::{catalog_cmd, control};
 #[derive(Debug, Parser)]
 #[command(name = "vgpu-emu", version, about, long_about)]
 struct Cli {
-    /// Load extra vGPU types from a TOML file (repeatable; see the README, "Adding a type").
+    /// Load extra vGPU types from a TOML file of at most 1 MiB (repeatable; see the README,
+    /// "Adding a type").
     #[arg(long = "types-file", value_name = "FILE", global = true)]
     types_files: Vec<PathBuf>,
 
@@ -63,8 +64,9 @@ enum Command {
         /// Root directory [default: $XDG_RUNTIME_DIR/vgpu-emu, else /run/vgpu-emu].
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
-        /// A simulated physical GPU, NAME=FAMILY (repeatable) [default: one parent per type
-        /// family: emu0=emu, m60-0=m60].
+        /// A simulated physical GPU, NAME=FAMILY (repeatable; NAME: up to 64 letters, digits,
+        /// - _ . : starting with a letter or digit) [default: one parent per type family:
+        /// emu0=emu, m60-0=m60].
         #[arg(long = "parent", value_name = "NAME=FAMILY")]
         parents: Vec<vgpu_emu::manager::ParentSpec>,
         /// Start the definitions in ROOT/etc/mdevctl.d marked "start": "auto".

@@ -41,19 +41,47 @@ impl std::str::FromStr for ParentSpec {
         let (name, family) = s
             .split_once('=')
             .ok_or_else(|| format!("`{s}` is not NAME=FAMILY (e.g. emu0=emu)"))?;
-        let ok = |v: &str| {
-            !v.is_empty()
-                && v.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-        };
-        if !ok(name) || !ok(family) {
-            return Err(format!("`{s}`: names take letters, digits and - _ . :"));
+        valid_parent_name(name).map_err(|why| format!("`{s}`: parent name {why}"))?;
+        if family.is_empty()
+            || !family
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "`{s}`: family `{family}` is not a family name (letters, digits, - _ .)"
+            ));
         }
         Ok(ParentSpec {
             name: name.to_string(),
             family: family.to_string(),
         })
     }
+}
+
+/// Longest parent name (a device name under `class/mdev_bus`).
+pub const MAX_PARENT_NAME: usize = 64;
+
+/// A parent name is one directory entry under `class/mdev_bus` and `devices`, and a directory of
+/// mdevctl's definitions: a single path component in a conservative character set (letters,
+/// digits, `-`, `_`, `.`, `:` as in PCI addresses like `0000:00:02.0`), starting with a letter
+/// or digit, so neither `.`, `..`, a hidden name nor something an option parser takes for an
+/// option.
+pub fn valid_parent_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_PARENT_NAME {
+        return Err(format!("must be 1 to {MAX_PARENT_NAME} characters"));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!("`{name}` must start with a letter or digit"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_.:".contains(*c)))
+    {
+        return Err(format!(
+            "`{name}` contains `{c}`; use letters, digits and - _ . :"
+        ));
+    }
+    Ok(())
 }
 
 /// Why a management operation failed; each maps to the errno the kernel's mdev core returns.
@@ -611,6 +639,19 @@ mod tests {
             .unwrap();
         assert_eq!(m.list()[0].type_key, "LAB-32M@2");
         assert!("bad".parse::<ParentSpec>().is_err());
+        for good in ["emu0", "m60-0", "0000:00:02.0", "gpu_1.a"] {
+            let spec: ParentSpec = format!("{good}=emu").parse().unwrap();
+            assert_eq!(spec.name, good);
+        }
+        let long = "a".repeat(MAX_PARENT_NAME + 1);
+        for bad in [
+            ".", "..", "", ".hidden", "-p", "a/b", "/", "a b", "é", "a\n", &long,
+        ] {
+            let e = format!("{bad}=emu").parse::<ParentSpec>().unwrap_err();
+            assert!(e.contains("parent name"), "{bad:?}: {e}");
+        }
+        assert!("emu0=".parse::<ParentSpec>().is_err());
+        assert!("emu0=../x".parse::<ParentSpec>().is_err());
         assert!(Manager::new(
             Catalog::builtin().unwrap(),
             vec!["x=nope".parse().unwrap()],

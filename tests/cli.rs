@@ -209,3 +209,41 @@ fn screenshot_of_a_missing_head_exits_2() {
     assert_eq!(out.status.code(), Some(FAILURE), "{}", stderr(&out));
     assert!(stderr(&out).contains("not displaying"), "{}", stderr(&out));
 }
+
+/// Input that used to be accepted: an invisible vendor ID, parent names that are not single
+/// path components, an endless type file, an empty version.
+#[test]
+fn accepted_bad_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let ffff = write(
+        dir.path(),
+        "ffff.toml",
+        &lab(1, "32M").replace("vendor = 0x1234, device", "vendor = 0xffff, device"),
+    );
+    let ffff = ffff.to_str().unwrap();
+    assert_exit(
+        &["--types-file", ffff, "types"],
+        USAGE,
+        &format!("invalid vGPU type: {ffff}:6: field `vendor`: 0xffff is not a vendor ID"),
+    );
+    for parent in ["..=emu", ".=emu", "=emu", "a/b=emu", "-x=emu", "gpu 0=emu"] {
+        let arg = format!("--parent={parent}");
+        assert_exit(&["daemon", "--root", d, &arg], USAGE, "parent name");
+    }
+    assert!(
+        !dir.path().join("etc").exists(),
+        "a refused argument touches nothing"
+    );
+    // /dev/zero never ends: the read stops one byte past the limit.
+    assert_exit(
+        &["--types-file", "/dev/zero", "types"],
+        USAGE,
+        "type file /dev/zero is larger than 1024 KiB",
+    );
+    assert_exit(
+        &["describe", "EMU-64M@"],
+        USAGE,
+        "`EMU-64M@` names no version; write EMU-64M@VERSION (it has 1) or EMU-64M for the newest",
+    );
+}

@@ -339,6 +339,14 @@ pub enum LookupError {
         /// Close names, best first.
         suggestions: Vec<String>,
     },
+    /// `NAME@` with nothing after the `@`.
+    #[error("`{name}@` names no version; write {name}@VERSION (it has {available}) or {name} for the newest")]
+    EmptyVersion {
+        /// Type name.
+        name: String,
+        /// The versions that exist, e.g. `1, 2`.
+        available: String,
+    },
     /// The type exists but not in that version.
     #[error("type `{name}` has no version {version} (it has {available})")]
     UnknownVersion {
@@ -641,6 +649,18 @@ impl Catalog {
             .map_err(|m| err(raw.personality.span(), "personality", m))?;
 
         let pci = *raw.pci.get_ref();
+        // PCI Local Bus 3.0, 6.2.1: a read of Vendor ID 0xFFFF means "no device here", so no
+        // guest enumerates such a function; 0x0000 is no vendor either.
+        if matches!(pci.vendor, 0x0000 | 0xffff) {
+            return Err(err(
+                raw.pci.span(),
+                "vendor",
+                format!(
+                    "{:#06x} is not a vendor ID: a guest reads it as an empty slot",
+                    pci.vendor
+                ),
+            ));
+        }
         if pci.class > 0xff_ffff {
             return Err(err(
                 raw.pci.span(),
@@ -843,26 +863,31 @@ impl Catalog {
                 suggestions: self.suggestions(name),
             });
         };
+        let available = || {
+            let mut numbers: Vec<u32> = versions.iter().map(|t| t.version).collect();
+            numbers.sort_unstable();
+            numbers
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         match version {
             None => Ok(bare),
+            Some("") => Err(LookupError::EmptyVersion {
+                name: bare.name.clone(),
+                available: available(),
+            }),
             Some(v) => {
                 let wanted = v.strip_prefix(['v', 'V']).unwrap_or(v).parse::<u32>().ok();
                 versions
                     .iter()
                     .find(|t| Some(t.version) == wanted)
                     .copied()
-                    .ok_or_else(|| {
-                        let mut available: Vec<u32> = versions.iter().map(|t| t.version).collect();
-                        available.sort_unstable();
-                        LookupError::UnknownVersion {
-                            name: bare.name.clone(),
-                            version: v.to_string(),
-                            available: available
-                                .iter()
-                                .map(u32::to_string)
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                        }
+                    .ok_or_else(|| LookupError::UnknownVersion {
+                        name: bare.name.clone(),
+                        version: v.to_string(),
+                        available: available(),
                     })
             }
         }
@@ -1120,6 +1145,10 @@ mod tests {
             c.resolve("LAB-32M@7").unwrap_err().to_string(),
             "type `LAB-32M` has no version 7 (it has 1, 2)"
         );
+        assert_eq!(
+            c.resolve("lab-32m@").unwrap_err().to_string(),
+            "`LAB-32M@` names no version; write LAB-32M@VERSION (it has 1, 2) or LAB-32M for the newest"
+        );
     }
 
     #[test]
@@ -1255,6 +1284,18 @@ mod tests {
             ("name", "name = \"bad name\"", "name", "contains"),
             ("frl", "frl = \"sixty\"", "frl", "expected u32"),
             ("frl", "colour = 3", "colour", "unknown field"),
+            (
+                "pci",
+                "pci = { vendor = 0xffff, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }",
+                "vendor",
+                "0xffff is not a vendor ID",
+            ),
+            (
+                "pci",
+                "pci = { vendor = 0x0000, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }",
+                "vendor",
+                "0x0000 is not a vendor ID",
+            ),
         ];
         for (key, line, field, needle) in cases {
             let e = error_with(key, line);
