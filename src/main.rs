@@ -64,9 +64,9 @@ enum Command {
         /// Root directory [default: $XDG_RUNTIME_DIR/vgpu-emu, else /run/vgpu-emu].
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
-        /// A simulated physical GPU, NAME=FAMILY (repeatable; NAME: up to 64 letters, digits,
-        /// - _ . : starting with a letter or digit) [default: one parent per type family:
-        /// emu0=emu, m60-0=m60].
+        /// A simulated physical GPU, NAME=FAMILY (repeatable; NAME: up to 64 of letters,
+        /// digits and `-_.:`, starting with a letter or digit) [default: one parent per type
+        /// family: emu0=emu, m60-0=m60].
         #[arg(long = "parent", value_name = "NAME=FAMILY")]
         parents: Vec<vgpu_emu::manager::ParentSpec>,
         /// Start the definitions in ROOT/etc/mdevctl.d marked "start": "auto".
