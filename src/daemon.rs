@@ -245,11 +245,15 @@ fn serve_control(listener: UnixListener, manager: SharedManager) {
                         uuid: Some(u.to_string()),
                         ..Reply::default()
                     },
-                    Err(e) => Reply {
-                        error: Some(e.to_string()),
-                        bad_input: e.is_bad_input(),
-                        ..Reply::default()
-                    },
+                    Err(e) => {
+                        // As a refused write to the tree's `create` is logged.
+                        info!("create {uuid} on {parent}/{dir} refused: {e}");
+                        Reply {
+                            error: Some(e.to_string()),
+                            bad_input: e.is_bad_input(),
+                            ..Reply::default()
+                        }
+                    }
                 }
             }
             Ok(Request::Remove { uuid }) => {

@@ -105,12 +105,14 @@ pub enum ManageError {
         ty: String,
     },
     /// No capacity left for the type.
-    #[error("no available instances of {ty} on {parent}")]
+    #[error("no available instances of {ty} on {parent}: {reason}")]
     NoCapacity {
         /// Parent.
         parent: String,
         /// Type key.
         ty: String,
+        /// Why.
+        reason: Unavailable,
     },
     /// No such instance.
     #[error("no instance {0}")]
@@ -154,9 +156,97 @@ impl ManageError {
             | ManageError::NoParent(_)
             | ManageError::NoType { .. }
             | ManageError::NoInstance(_) => true,
-            ManageError::Exists(_) | ManageError::NoCapacity { .. } | ManageError::Start(_) => {
-                false
-            }
+            // Serving a type this build cannot serve is bad input, as for `vgpu-emu serve`.
+            ManageError::NoCapacity { reason, .. } => matches!(
+                reason,
+                Unavailable::NotServed { .. } | Unavailable::OtherFamily { .. }
+            ),
+            ManageError::Exists(_) | ManageError::Start(_) => false,
+        }
+    }
+}
+
+/// Why a parent has no available instance of a type: the reason behind `available_instances`
+/// reading 0, given in refusals, the daemon's log and the tree's `unavailable_reason` file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The type belongs to another family than the parent.
+    OtherFamily {
+        /// The type's family.
+        family: String,
+        /// The parent's family.
+        parent_family: String,
+    },
+    /// This build has no device model for the type's personality.
+    NotServed {
+        /// The personality.
+        personality: String,
+    },
+    /// The parent hosts instances of another framebuffer size (NVIDIA's placement rule).
+    OtherFramebufferSize {
+        /// Instances on the parent.
+        instances: usize,
+        /// Their framebuffer, bytes.
+        hosted: u64,
+        /// The type's framebuffer, bytes.
+        wanted: u64,
+    },
+    /// The type's `max_instances` per parent are all in use.
+    MaxInstances {
+        /// The type's limit.
+        max: u32,
+    },
+    /// Not enough free VRAM on the parent.
+    NoVram {
+        /// Free bytes.
+        free: u64,
+        /// The parent's VRAM, bytes.
+        total: u64,
+        /// The type's framebuffer, bytes.
+        wanted: u64,
+    },
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unavailable::OtherFamily {
+                family,
+                parent_family,
+            } => write!(
+                f,
+                "the type belongs to family `{family}`, the parent to `{parent_family}`"
+            ),
+            Unavailable::NotServed { personality } => write!(
+                f,
+                "personality `{personality}` is listed but not served by this build yet"
+            ),
+            Unavailable::OtherFramebufferSize {
+                instances,
+                hosted,
+                wanted,
+            } => write!(
+                f,
+                "the parent hosts {instances} instance(s) with a {}M framebuffer, and a parent \
+                 hosts one framebuffer size at a time ({}M wanted)",
+                hosted >> 20,
+                wanted >> 20
+            ),
+            Unavailable::MaxInstances { max } => write!(
+                f,
+                "the parent already hosts {max} instance(s) of this size, the type's max_instances"
+            ),
+            Unavailable::NoVram {
+                free,
+                total,
+                wanted,
+            } => write!(
+                f,
+                "{}M of the parent's {}M VRAM is free, {}M wanted",
+                free >> 20,
+                total >> 20,
+                wanted >> 20
+            ),
         }
     }
 }
@@ -297,28 +387,58 @@ impl Manager {
 
     /// Live `available_instances` of `ty` on `parent`.
     pub fn available(&self, parent: &str, ty: &VgpuType) -> u32 {
+        self.availability(parent, ty).unwrap_or(0)
+    }
+
+    /// Live `available_instances` of `ty` on `parent` when it is not 0, else why it is 0.
+    /// An unknown parent has nothing available: `Ok(0)`.
+    pub fn availability(&self, parent: &str, ty: &VgpuType) -> Result<u32, Unavailable> {
         let Ok(p) = self.parent(parent) else {
-            return 0;
+            return Ok(0);
         };
         let Some(family) = self.catalog.family(&p.family) else {
-            return 0;
+            return Ok(0);
         };
-        if ty.family != p.family || !ty.personality.is_implemented() {
-            return 0;
+        if ty.family != p.family {
+            return Err(Unavailable::OtherFamily {
+                family: ty.family.clone(),
+                parent_family: p.family.clone(),
+            });
+        }
+        if !ty.personality.is_implemented() {
+            return Err(Unavailable::NotServed {
+                personality: ty.personality.to_string(),
+            });
         }
         let here: Vec<&Managed> = self
             .instances
             .values()
             .filter(|m| m.parent == parent)
             .collect();
-        if here.iter().any(|m| m.ty.framebuffer != ty.framebuffer) {
-            return 0;
+        if let Some(other) = here.iter().find(|m| m.ty.framebuffer != ty.framebuffer) {
+            return Err(Unavailable::OtherFramebufferSize {
+                instances: here.len(),
+                hosted: other.ty.framebuffer,
+                wanted: ty.framebuffer,
+            });
         }
         let used: u64 = here.iter().map(|m| m.ty.framebuffer).sum();
-        let by_vram = (family.vram.saturating_sub(used) / ty.framebuffer.max(1))
-            .min(u64::from(u32::MAX)) as u32;
+        let free = family.vram.saturating_sub(used);
+        let by_vram = (free / ty.framebuffer.max(1)).min(u64::from(u32::MAX)) as u32;
         let by_count = ty.max_instances.saturating_sub(here.len() as u32);
-        by_vram.min(by_count)
+        if by_count == 0 {
+            return Err(Unavailable::MaxInstances {
+                max: ty.max_instances,
+            });
+        }
+        if by_vram == 0 {
+            return Err(Unavailable::NoVram {
+                free,
+                total: family.vram,
+                wanted: ty.framebuffer,
+            });
+        }
+        Ok(by_vram.min(by_count))
     }
 
     /// The socket of an instance.
@@ -346,11 +466,16 @@ impl Manager {
         if self.instances.contains_key(&uuid) {
             return Err(ManageError::Exists(uuid));
         }
-        if self.available(parent, &ty) == 0 {
-            return Err(ManageError::NoCapacity {
-                parent: parent.to_string(),
-                ty: ty.key(),
-            });
+        match self.availability(parent, &ty) {
+            Ok(0) => return Err(ManageError::NoParent(parent.to_string())),
+            Ok(_) => {}
+            Err(reason) => {
+                return Err(ManageError::NoCapacity {
+                    parent: parent.to_string(),
+                    ty: ty.key(),
+                    reason,
+                })
+            }
         }
         let socket = self.socket_path(&uuid);
         let start = |e: &dyn std::fmt::Display| ManageError::Start(e.to_string());
@@ -560,6 +685,47 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(e.errno(), libc::ENOSPC);
+        assert_eq!(
+            e.to_string(),
+            "no available instances of EMU-1G@1 on emu0: the parent already hosts 4 instance(s) \
+             of this size, the type's max_instances"
+        );
+        let e = m
+            .create(
+                "emu0",
+                "vgpu_emu-emu_64m-v1",
+                "61111111-1111-1111-1111-111111111111",
+            )
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        assert!(!e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            "no available instances of EMU-64M@1 on emu0: the parent hosts 4 instance(s) with a \
+             1024M framebuffer, and a parent hosts one framebuffer size at a time (64M wanted)"
+        );
+        let e = m
+            .create(
+                "m60-0",
+                "vgpu_emu-m60_2q-v1",
+                "71111111-1111-1111-1111-111111111111",
+            )
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC, "available_instances reads 0");
+        assert!(e.is_bad_input(), "as `serve` of the type is");
+        assert_eq!(
+            e.to_string(),
+            "no available instances of M60-2Q@1 on m60-0: personality `virtio-gpu` is listed but \
+             not served by this build yet"
+        );
+        let c = Catalog::builtin().unwrap();
+        assert_eq!(
+            m.availability("emu0", c.resolve("M60-2Q").unwrap()),
+            Err(Unavailable::OtherFamily {
+                family: "m60".into(),
+                parent_family: "emu".into()
+            })
+        );
         let e = m
             .create("emu0", "vgpu_emu-emu_1g-v1", &a.to_string())
             .unwrap_err();

@@ -6,6 +6,7 @@
 //! bus/mdev/devices/<uuid>                      -> ../../../devices/<parent>/<uuid>
 //! devices/<parent>/mdev_supported_types/<type>/
 //!     name  description  device_api  available_instances   (read)
+//!     unavailable_reason       (read; why available_instances is 0, empty otherwise)
 //!     create                                               (write a UUID)
 //!     devices/<uuid>                           -> ../../../<uuid>
 //! devices/<parent>/<uuid>/
@@ -138,6 +139,7 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
                             "description",
                             "device_api",
                             "available_instances",
+                            "unavailable_reason",
                             "create",
                         ],
                         RegularFile,
@@ -153,6 +155,13 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
                 ["available_instances"] => {
                     Node::File(Some(format!("{}\n", m.available(p, ty))), false)
                 }
+                ["unavailable_reason"] => Node::File(
+                    Some(match m.availability(p, ty) {
+                        Ok(_) => String::new(),
+                        Err(reason) => format!("{reason}\n"),
+                    }),
+                    false,
+                ),
                 ["create"] => Node::File(None, true),
                 ["devices"] => dir(m
                     .uuids(Some(p))

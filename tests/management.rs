@@ -435,3 +435,70 @@ fn create_and_remove_refusals_exit_2_for_bad_input_and_1_at_run_time() {
     assert_eq!(c, Some(1), "{e}");
     assert!(d.mdevctl_ok(&["list"]).contains(U1));
 }
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn refusals_give_their_reason_in_the_cli_and_the_tree() {
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &[]);
+    let root = d.root.to_str().unwrap();
+    let reason = |parent: &str, ty: &str| {
+        std::fs::read_to_string(d.sys(&format!(
+            "class/mdev_bus/{parent}/mdev_supported_types/{ty}/unavailable_reason"
+        )))
+        .unwrap()
+    };
+    let m60 = "vgpu_emu-m60_2q-v1";
+    assert_eq!(
+        reason("m60-0", m60),
+        "personality `virtio-gpu` is listed but not served by this build yet\n"
+    );
+    assert_eq!(reason("emu0", M64), "", "instances are available");
+    let create = |parent: &str, ty: &str, uuid: &str| {
+        let out = Command::new(BIN)
+            .args([
+                "create", "--root", root, "--parent", parent, "--type", ty, "--uuid", uuid,
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (c, e) = create("m60-0", "M60-2Q", U1);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(
+        e.contains("no available instances of M60-2Q@1 on m60-0: personality `virtio-gpu` is listed but not served"),
+        "{e}"
+    );
+    d.create("emu0", GIB, U1).unwrap();
+    let size_rule = "the parent hosts 1 instance(s) with a 1024M framebuffer, and a parent hosts one framebuffer size at a time (64M wanted)";
+    assert_eq!(reason("emu0", M64), format!("{size_rule}\n"));
+    let (c, e) = create("emu0", "EMU-64M", U2);
+    assert_eq!(c, Some(1), "{e}");
+    assert!(e.contains(size_rule), "{e}");
+    // mdevctl still reads the type directories (the extra file is not in its way).
+    let json: serde_json::Value =
+        serde_json::from_str(&d.mdevctl_ok(&["types", "--dumpjson"])).unwrap();
+    let emu0 = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|p| p.get("emu0"))
+        .unwrap();
+    let m64 = emu0
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|t| t.get(M64))
+        .unwrap();
+    assert_eq!(m64["available_instances"], 0);
+    assert_eq!(
+        m64["description"],
+        Catalog::builtin()
+            .unwrap()
+            .resolve("EMU-64M@1")
+            .unwrap()
+            .nvidia_description()
+    );
+}
