@@ -7,7 +7,7 @@
 //! personality is not served by this build); otherwise it is what the remaining VRAM allows,
 //! capped by the type's `max_instances` less the instances already there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -296,11 +296,24 @@ pub struct InstanceInfo {
     pub client_connected: bool,
 }
 
+/// The type directories of one parent: built once, because the tree looks a type up on every
+/// path it resolves (mdevctl reads four files of every type directory).
+#[derive(Debug, Default)]
+struct TypeIndex {
+    /// Type directory and index into `Catalog::types`, in catalog order.
+    dirs: Vec<(String, usize)>,
+    /// Type directory to index into `Catalog::types`.
+    by_dir: HashMap<String, usize>,
+}
+
 /// All parents and instances of a daemon.
 #[derive(Debug)]
 pub struct Manager {
     catalog: Catalog,
     parents: Vec<ParentSpec>,
+    /// Per parent name. The catalog and the parents are fixed for a manager's life, so the
+    /// index is built once, in [`Manager::new`].
+    type_index: HashMap<String, TypeIndex>,
     run_dir: PathBuf,
     instances: BTreeMap<Uuid, Managed>,
 }
@@ -333,9 +346,31 @@ impl Manager {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err("parent names must be unique".into());
         }
+        let mut type_index: HashMap<String, TypeIndex> = HashMap::new();
+        for p in &parents {
+            let mut index = TypeIndex::default();
+            for (i, t) in catalog.types().iter().enumerate() {
+                if t.family != p.family {
+                    continue;
+                }
+                let dir = type_dir(t);
+                if let Some(&other) = index.by_dir.get(&dir) {
+                    return Err(format!(
+                        "types {} and {} would share the mdev type directory {dir} (names may not \
+                         differ only in `-`, `_` and `.`); rename one",
+                        catalog.types()[other].key(),
+                        t.key()
+                    ));
+                }
+                index.by_dir.insert(dir.clone(), i);
+                index.dirs.push((dir, i));
+            }
+            type_index.insert(p.name.clone(), index);
+        }
         Ok(Manager {
             catalog,
             parents,
+            type_index,
             run_dir: run_dir.to_path_buf(),
             instances: BTreeMap::new(),
         })
@@ -353,25 +388,21 @@ impl Manager {
             .ok_or_else(|| ManageError::NoParent(name.to_string()))
     }
 
-    /// The type versions a parent offers, by type directory.
-    pub fn types_of(&self, parent: &str) -> Vec<(String, &VgpuType)> {
-        let Ok(p) = self.parent(parent) else {
-            return Vec::new();
-        };
-        self.catalog
-            .types()
-            .iter()
-            .filter(|t| t.family == p.family)
-            .map(|t| (type_dir(t), t))
-            .collect()
+    /// The type versions a parent offers, by type directory, in catalog order (none for an
+    /// unknown parent).
+    pub fn types_of(&self, parent: &str) -> impl Iterator<Item = (&str, &VgpuType)> + '_ {
+        let types = self.catalog.types();
+        self.type_index
+            .get(parent)
+            .into_iter()
+            .flat_map(|index| index.dirs.iter())
+            .map(move |(dir, i)| (dir.as_str(), &types[*i]))
     }
 
     /// A type of a parent by its directory name.
     pub fn type_by_dir(&self, parent: &str, dir: &str) -> Option<&VgpuType> {
-        self.types_of(parent)
-            .into_iter()
-            .find(|(d, _)| d == dir)
-            .map(|(_, t)| t)
+        let i = *self.type_index.get(parent)?.by_dir.get(dir)?;
+        self.catalog.types().get(i)
     }
 
     /// The type directory `spec` names on `parent`: a type directory itself, or NAME[@VERSION]
@@ -780,6 +811,44 @@ mod tests {
         );
         assert_eq!(m.resolve_type_dir("emu0", "M60-2Q"), None, "another family");
         m.remove_all();
+    }
+
+    #[test]
+    fn the_type_index_serves_every_type_and_refuses_shared_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path());
+        let c = Catalog::builtin().unwrap();
+        for p in ["emu0", "m60-0"] {
+            let listed: Vec<(&str, &VgpuType)> = m.types_of(p).collect();
+            let family = if p == "emu0" { "emu" } else { "m60" };
+            let expected: Vec<&VgpuType> =
+                c.types().iter().filter(|t| t.family == family).collect();
+            assert_eq!(listed.len(), expected.len());
+            for ((d, t), e) in listed.iter().zip(&expected) {
+                assert_eq!((*d, t.key()), (type_dir(e).as_str(), e.key()));
+                assert_eq!(m.type_by_dir(p, d).map(VgpuType::key), Some(e.key()));
+            }
+        }
+        assert_eq!(m.types_of("nope").count(), 0);
+        assert!(m.type_by_dir("nope", "vgpu_emu-emu_64m-v1").is_none());
+        assert!(m.type_by_dir("m60-0", "vgpu_emu-emu_64m-v1").is_none());
+
+        let mut c = Catalog::builtin().unwrap();
+        let record = |name: &str| {
+            format!(
+                "[[type]]\nname = \"{name}\"\nversion = 1\nfamily = \"emu\"\npersonality = \"bochs\"\n\
+                 pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
+                 framebuffer = \"32M\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
+                 default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n"
+            )
+        };
+        c.add_toml("lab.toml", &(record("LAB-X") + &record("LAB_X")))
+            .unwrap();
+        let e = Manager::new(c, vec!["emu0=emu".parse().unwrap()], dir.path()).unwrap_err();
+        assert!(
+            e.contains("LAB-X@1 and LAB_X@1 would share the mdev type directory vgpu_emu-lab_x-v1"),
+            "{e}"
+        );
     }
 
     #[test]

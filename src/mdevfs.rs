@@ -16,9 +16,11 @@
 //!     frame_rate_limiter                       (read/write 0 or 1; not guest ABI)
 //! ```
 //!
-//! Every node is computed from the manager's live state on each request, attributes and entries
-//! are never cached (TTL 0) and files are opened for direct I/O, so a read always reflects the
-//! current state. A write to `create` returns only once the instance listens, or fails with the
+//! Every node is computed from the manager's live state on each request and files are opened
+//! for direct I/O, so a read always reflects the current state. The kernel may cache the entries
+//! and attributes of nodes that exist for the daemon's whole life (parents, type directories and
+//! their files: their contents are still read live); those of instances are never cached
+//! (TTL 0). A write to `create` returns only once the instance listens, or fails with the
 //! kernel's errno: EINVAL bad UUID, EEXIST taken, ENOSPC no capacity (as the kernel's
 //! VRAM-accounting mbochs parent answers).
 
@@ -93,8 +95,15 @@ fn names<'a>(names: impl IntoIterator<Item = &'a str>, kind: FileType) -> Vec<(S
     names.into_iter().map(|n| (n.to_string(), kind)).collect()
 }
 
-/// Resolves `path` (relative to the mount, `/`-separated, "" for the root) against the state.
+/// Resolves `path` (relative to the mount, `/`-separated, "" for the root) against the state,
+/// with every directory's entries.
 fn resolve(m: &Manager, path: &str) -> Option<Node> {
+    resolve_node(m, path, true)
+}
+
+/// As [`resolve`]; with `list` false, a type list (`mdev_supported_types`) comes back without
+/// its entries: the kernel walks it on every path lookup beneath it, and only readdir needs them.
+fn resolve_node(m: &Manager, path: &str, list: bool) -> Option<Node> {
     let parts: Vec<&str> = if path.is_empty() {
         Vec::new()
     } else {
@@ -127,7 +136,12 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
             dir(entries)
         }
         ["devices", p, "mdev_supported_types"] if is_parent(p) => {
-            dir(m.types_of(p).into_iter().map(|(d, _)| (d, Directory)))
+            if list {
+                dir(m.types_of(p).map(|(d, _)| (d.to_string(), Directory)))
+            } else {
+                // Thousands of entries: listed only for readdir, not on every path walk.
+                Node::Dir(Vec::new())
+            }
         }
         ["devices", p, "mdev_supported_types", t, rest @ ..] => {
             let ty = m.type_by_dir(p, t)?;
@@ -201,6 +215,22 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
 
 const TTL: Duration = Duration::ZERO;
 
+/// How long the kernel may keep an entry and its attributes of a node that exists for the
+/// daemon's whole life: parents, type directories and their files never change (their
+/// *contents* are still read live, with direct I/O). Without it every path walk of `mdevctl
+/// types` asks again for each component, about a hundred requests per type.
+const STATIC_TTL: Duration = Duration::from_secs(3600);
+
+/// The TTL of `path`'s entry and attributes: nodes of instances (a UUID in the path) come and go
+/// and are never cached; all the others are fixed when the daemon starts.
+fn ttl(path: &str) -> Duration {
+    if path.split('/').any(|c| Uuid::parse_str(c).is_ok()) {
+        TTL
+    } else {
+        STATIC_TTL
+    }
+}
+
 fn errno(e: &ManageError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -255,7 +285,7 @@ impl MdevFs {
     /// The path and current node of an inode.
     fn lookup_ino(&self, ino: INodeNo) -> Option<(String, Node)> {
         let path = self.inodes().path(ino.0)?;
-        let node = resolve(&lock(&self.manager), &path)?;
+        let node = resolve_node(&lock(&self.manager), &path, false)?;
         Some((path, node))
     }
 
@@ -299,11 +329,11 @@ impl Filesystem for MdevFs {
         } else {
             format!("{parent_path}/{name}")
         };
-        let node = resolve(&lock(&self.manager), &path);
+        let node = resolve_node(&lock(&self.manager), &path, false);
         match node {
             Some(node) => {
                 let ino = self.inodes().intern(&path);
-                reply.entry(&TTL, &self.attr(ino, &node), Generation(0));
+                reply.entry(&ttl(&path), &self.attr(ino, &node), Generation(0));
             }
             None => reply.error(Errno::ENOENT),
         }
@@ -311,7 +341,7 @@ impl Filesystem for MdevFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.lookup_ino(ino) {
-            Some((_, node)) => reply.attr(&TTL, &self.attr(ino.0, &node)),
+            Some((path, node)) => reply.attr(&ttl(&path), &self.attr(ino.0, &node)),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -439,25 +469,29 @@ impl Filesystem for MdevFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some((path, Node::Dir(children))) = self.lookup_ino(ino) else {
+        let Some(path) = self.inodes().path(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(Node::Dir(children)) = resolve(&lock(&self.manager), &path) else {
             return reply.error(Errno::ENOTDIR);
         };
-        let mut entries = vec![
-            (ino.0, FileType::Directory, ".".to_string()),
-            (ino.0, FileType::Directory, "..".to_string()),
-        ];
+        let dots = [".", ".."].map(|d| (d.to_string(), FileType::Directory));
+        let mut inodes = self.inodes();
+        // Only the entries this reply carries get an inode: a large directory is read in many
+        // replies, each starting at `offset`.
+        for (i, (name, kind)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(offset as usize)
         {
-            let mut inodes = self.inodes();
-            for (name, kind) in children {
-                let child = if path.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{path}/{name}")
-                };
-                entries.push((inodes.intern(&child), kind, name));
-            }
-        }
-        for (i, (child_ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let child_ino = if i < 2 {
+                ino.0
+            } else if path.is_empty() {
+                inodes.intern(&name)
+            } else {
+                inodes.intern(&format!("{path}/{name}"))
+            };
             if reply.add(INodeNo(child_ino), (i + 1) as u64, kind, &name) {
                 break;
             }

@@ -5,6 +5,7 @@
 //! (`types/builtin.toml`) is compiled in; users add their own files with [`Catalog::add_toml`].
 //! Every validation error names the file, the line and the field.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -542,8 +543,21 @@ impl Catalog {
         for fam in &raw.family {
             next.add_family(&src, fam)?;
         }
+        // Versions by lower-case name, so checking a record against the table stays O(1) and
+        // loading tens of thousands of types stays linear.
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, t) in next.types.iter().enumerate() {
+            by_name
+                .entry(t.name.to_ascii_lowercase())
+                .or_default()
+                .push(i);
+        }
         for ty in &raw.types {
-            let ty = next.validate_type(&src, ty)?;
+            let ty = next.validate_type(&src, ty, &by_name)?;
+            by_name
+                .entry(ty.name.to_ascii_lowercase())
+                .or_default()
+                .push(next.types.len());
             next.types.push(ty);
         }
         if let Some(default) = &raw.default_type {
@@ -587,10 +601,12 @@ impl Catalog {
         Ok(())
     }
 
+    /// Validates one record; `by_name` indexes `self.types` by lower-case name.
     fn validate_type(
         &self,
         src: &Source<'_>,
         ty: &Spanned<RawType>,
+        by_name: &HashMap<String, Vec<usize>>,
     ) -> Result<VgpuType, CatalogError> {
         let raw = ty.get_ref();
         let err = |span: Range<usize>, field: &str, msg: String| src.error(span, field, msg);
@@ -605,11 +621,13 @@ impl Catalog {
                 "versions start at 1".into(),
             ));
         }
-        if let Some(other) = self
-            .types
-            .iter()
-            .find(|t| t.name.eq_ignore_ascii_case(&name) && t.version == version)
-        {
+        let same_name: Vec<&VgpuType> = by_name
+            .get(&name.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.types[i])
+            .collect();
+        if let Some(other) = same_name.iter().find(|t| t.version == version) {
             return Err(err(
                 raw.name.span(),
                 "name",
@@ -619,11 +637,7 @@ impl Catalog {
                 ),
             ));
         }
-        if let Some(other) = self
-            .types
-            .iter()
-            .find(|t| t.name != name && t.name.eq_ignore_ascii_case(&name))
-        {
+        if let Some(other) = same_name.iter().find(|t| t.name != name) {
             return Err(err(
                 raw.name.span(),
                 "name",
