@@ -8,8 +8,9 @@ use serde::Serialize;
 use vgpu_model::catalog::{BarKind, BarSpec};
 use vgpu_model::edid::{self, Mode};
 use vgpu_model::fingerprint::{self, fingerprint};
-use vgpu_model::pci::{VendorCapability, VENDOR_CAP_OFFSET};
-use vgpu_model::{Catalog, VgpuType};
+use vgpu_model::pci::{walk_capabilities, VendorCapability, CAP_ID_VENDOR, VENDOR_CAP_OFFSET};
+use vgpu_model::vram::NullVram;
+use vgpu_model::{Catalog, Device, VgpuType};
 
 use crate::error::CliError;
 
@@ -332,6 +333,201 @@ pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, Cli
     Ok(header + &out)
 }
 
+/// One guest-visible property that differs between two type versions.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Difference {
+    /// What differs (`PCI subsystem`, `BAR0`, `EDID modes`, `config space bytes`, ...).
+    pub property: String,
+    /// Its value in the first version.
+    pub a: String,
+    /// Its value in the second version.
+    pub b: String,
+}
+
+/// What the guest reads at power-on, for personalities this build renders: config space,
+/// EDID, register BAR.
+fn power_on_images(ty: &VgpuType) -> Option<[(&'static str, Vec<u8>); 3]> {
+    let mut dev = Device::new(ty, &[0; 16], Box::new(NullVram(ty.framebuffer))).ok()?;
+    Some([
+        ("config space bytes", dev.config().reset_image().to_vec()),
+        ("EDID bytes", dev.edid().to_vec()),
+        ("register BAR bytes", dev.register_image()),
+    ])
+}
+
+fn capability_list(config: &[u8]) -> String {
+    let caps: Vec<String> = walk_capabilities(config)
+        .into_iter()
+        .map(|(id, at)| {
+            let what = if id == CAP_ID_VENDOR {
+                VendorCapability::find(config).map_or("vendor-specific".to_string(), |(n, v)| {
+                    format!("vendor-specific: type {n} version {v}")
+                })
+            } else {
+                format!("ID {id:#04x}")
+            };
+            format!("{at:#04x} {what}")
+        })
+        .collect();
+    if caps.is_empty() {
+        "none".into()
+    } else {
+        caps.join(", ")
+    }
+}
+
+/// The guest-visible properties of a type version, in a fixed order, as `diff` compares them.
+fn guest_properties(ty: &VgpuType) -> Vec<(String, String)> {
+    let p = &ty.pci;
+    let mut props = vec![
+        ("personality".to_string(), ty.personality.to_string()),
+        (
+            "PCI ID".into(),
+            format!("{:04x}:{:04x}", p.vendor, p.device),
+        ),
+        (
+            "PCI subsystem".into(),
+            format!("{:04x}:{:04x}", p.subsystem_vendor, p.subsystem_device),
+        ),
+        ("PCI class".into(), format!("{:06x}", p.class)),
+        ("PCI revision".into(), format!("{:02x}", p.revision)),
+    ];
+    for index in 0..6u8 {
+        let bar = ty.bars.iter().find(|b| b.index == index);
+        props.push((format!("BAR{index}"), bar.map_or("none".into(), bar_line)));
+    }
+    let images = power_on_images(ty);
+    props.push((
+        "capabilities".into(),
+        images
+            .as_ref()
+            .map_or("not rendered by this build".into(), |i| {
+                capability_list(&i[0].1)
+            }),
+    ));
+    props.push((
+        "virtio features".into(),
+        match ty.personality {
+            vgpu_model::Personality::Bochs => "none (no virtio transport)".into(),
+            vgpu_model::Personality::VirtioGpu => "not rendered by this build".into(),
+        },
+    ));
+    props.push(("framebuffer".into(), human_size(ty.framebuffer)));
+    props.push(("heads".into(), ty.num_heads.to_string()));
+    props.push(("max resolution".into(), ty.max_resolution.to_string()));
+    props.push((
+        "default resolution".into(),
+        ty.default_resolution.to_string(),
+    ));
+    props.push((
+        "frame-rate limit".into(),
+        if ty.frl == 0 {
+            "off".into()
+        } else {
+            format!("{} fps", ty.frl)
+        },
+    ));
+    let modes: Vec<String> = edid::decode_modes(&edid::generate(ty, &[0; 16]))
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            format!(
+                "{}x{}@{}{}",
+                m.width,
+                m.height,
+                m.refresh,
+                if m.preferred { "*" } else { "" }
+            )
+        })
+        .collect();
+    props.push(("EDID modes".into(), modes.join(" ")));
+    props
+}
+
+/// Offsets where two byte images differ, as ranges: `0x10-0x13, 0x2e`.
+fn differing_ranges(a: &[u8], b: &[u8]) -> Option<String> {
+    let len = a.len().max(b.len());
+    let differs = |i: usize| a.get(i) != b.get(i);
+    let mut ranges: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < len {
+        if differs(i) {
+            let start = i;
+            while i + 1 < len && differs(i + 1) {
+                i += 1;
+            }
+            ranges.push(if start == i {
+                format!("{start:#05x}")
+            } else {
+                format!("{start:#05x}-{i:#05x}")
+            });
+        }
+        i += 1;
+    }
+    (!ranges.is_empty()).then(|| ranges.join(", "))
+}
+
+/// Every guest-visible difference between type versions `a` and `b`.
+pub fn differences(a: &VgpuType, b: &VgpuType) -> Vec<Difference> {
+    let mut out: Vec<Difference> = guest_properties(a)
+        .into_iter()
+        .zip(guest_properties(b))
+        .filter(|((_, va), (_, vb))| va != vb)
+        .map(|((property, a), (_, b))| Difference { property, a, b })
+        .collect();
+    // Raw images catch whatever the properties above do not spell out.
+    if let (Some(ia), Some(ib)) = (power_on_images(a), power_on_images(b)) {
+        for ((what, ba), (_, bb)) in ia.into_iter().zip(ib) {
+            if let Some(at) = differing_ranges(&ba, &bb) {
+                out.push(Difference {
+                    property: what.to_string(),
+                    a: format!("differ at {at}"),
+                    b: String::new(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `vgpu-emu diff A B`: the report, and whether the two versions are identical to a guest.
+pub fn diff(catalog: &Catalog, a: &str, b: &str, json: bool) -> Result<(String, bool), CliError> {
+    let (ta, tb) = (catalog.resolve(a)?, catalog.resolve(b)?);
+    let diffs = differences(ta, tb);
+    let identical = diffs.is_empty();
+    if json {
+        let v = serde_json::json!({
+            "a": ta.key(),
+            "b": tb.key(),
+            "identical": identical,
+            "fingerprints": [fingerprint(ta).to_string(), fingerprint(tb).to_string()],
+            "differences": diffs,
+        });
+        return Ok((serde_json::to_string_pretty(&v)? + "\n", identical));
+    }
+    let (ka, kb) = (ta.key(), tb.key());
+    if identical {
+        return Ok((
+            format!("{ka} and {kb}: no guest-visible difference\n"),
+            true,
+        ));
+    }
+    let mut out = format!(
+        "{ka} and {kb}: {} guest-visible difference(s)\n",
+        diffs.len()
+    );
+    let width = diffs.iter().map(|d| d.property.len()).max().unwrap_or(0);
+    for d in &diffs {
+        if d.b.is_empty() {
+            let _ = writeln!(out, "  {:<width$}  {}", d.property, d.a);
+        } else {
+            let _ = writeln!(out, "  {:<width$}  {ka}: {}", d.property, d.a);
+            let _ = writeln!(out, "  {:<width$}  {kb}: {}", "", d.b);
+        }
+    }
+    Ok((out, false))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +612,71 @@ max_instances = 8
             ),
             "{out}"
         );
+    }
+
+    #[test]
+    fn diff_lists_every_guest_visible_difference_and_nothing_else() {
+        let mut c = Catalog::builtin().unwrap();
+        // @2 differs from @1 only in its FRL (and so its EDID refresh) and in max_instances,
+        // which is management, not guest ABI.
+        c.add_toml(
+            "lab.toml",
+            &(lab(1, "32M", "")
+                + &lab(2, "32M", "")
+                    .replace("frl = 30", "frl = 60")
+                    .replace("max_instances = 8", "max_instances = 4")),
+        )
+        .unwrap();
+        let (a, b) = (
+            c.resolve("LAB-32M@1").unwrap(),
+            c.resolve("LAB-32M@2").unwrap(),
+        );
+        let props: Vec<String> = differences(a, b).into_iter().map(|d| d.property).collect();
+        assert_eq!(
+            props,
+            [
+                "capabilities",
+                "frame-rate limit",
+                "EDID modes",
+                "config space bytes",
+                "EDID bytes",
+                "register BAR bytes"
+            ],
+        );
+        let d = &differences(a, b)[1];
+        assert_eq!((d.a.as_str(), d.b.as_str()), ("30 fps", "60 fps"));
+        let (out, identical) = diff(&c, "LAB-32M@1", "LAB-32M", false).unwrap();
+        assert!(!identical);
+        assert!(
+            out.starts_with("LAB-32M@1 and LAB-32M@2: 6 guest-visible difference(s)\n"),
+            "{out}"
+        );
+        assert!(out.contains("1920x1080@30*"), "{out}");
+        // The capability carries the version, at 0x44 (after ID, next, length, layout).
+        assert!(
+            out.contains("config space bytes  differ at 0x044\n"),
+            "{out}"
+        );
+        let (out, identical) = diff(&c, "EMU-64M", "emu-64m@1", false).unwrap();
+        assert!(identical);
+        assert_eq!(
+            out,
+            "EMU-64M@1 and EMU-64M@1: no guest-visible difference\n"
+        );
+        let (json, _) = diff(&c, "EMU-16M", "EMU-64M", true).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json["identical"], false);
+        assert!(json["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["property"] == "PCI subsystem"
+                && d["a"] == "1234:1001"
+                && d["b"] == "1234:1002"));
+        assert!(matches!(
+            diff(&c, "EMU-64M", "NOPE", false),
+            Err(CliError::Lookup(_))
+        ));
     }
 
     #[test]

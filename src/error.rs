@@ -8,6 +8,8 @@ use vgpu_model::{CatalogError, LookupError};
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code for failures at run time.
 pub const EXIT_FAILURE: i32 = 1;
+/// Exit code of `diff` when the two type versions differ (as diff(1)).
+pub const EXIT_DIFFERENT: u8 = 1;
 
 /// What can end a `vgpu-emu` command.
 #[derive(Debug, thiserror::Error)]

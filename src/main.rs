@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
-use vgpu_emu::error::CliError;
+use vgpu_emu::error::{CliError, EXIT_DIFFERENT};
 use vgpu_emu::serve::{self, ServeConfig};
 use vgpu_emu::socket::control_path;
 use vgpu_emu::{catalog_cmd, control};
@@ -45,6 +45,21 @@ enum Command {
         /// NAME (newest non-deprecated version) or NAME@VERSION.
         #[arg(value_name = "NAME[@VERSION]")]
         name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two type versions: every guest-visible difference (PCI identity, BARs,
+    /// capabilities, features, framebuffer, heads, resolutions, FRL, EDID modes, and the raw
+    /// config space, EDID and register bytes a guest reads at power-on). Exits 0 when the
+    /// versions are identical to a guest, 1 when they differ (like diff(1)).
+    Diff {
+        /// First type: NAME (newest non-deprecated version) or NAME@VERSION.
+        #[arg(value_name = "A[@VERSION]")]
+        a: String,
+        /// Second type.
+        #[arg(value_name = "B[@VERSION]")]
+        b: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -208,9 +223,17 @@ fn status_text(s: &vgpu_emu::instance::Status) -> String {
     rows.iter().map(|(k, v)| format!("{k:<10} {v}\n")).collect()
 }
 
-fn run(cli: Cli) -> Result<(), CliError> {
+/// Runs the command; `Ok` carries the exit code of a command that succeeded (`diff`: 1 when the
+/// versions differ).
+fn run(cli: Cli) -> Result<u8, CliError> {
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     match command {
+        Command::Diff { a, b, json } => {
+            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            let (out, identical) = catalog_cmd::diff(&catalog, &a, &b, json)?;
+            print(&out);
+            return Ok(if identical { 0 } else { EXIT_DIFFERENT });
+        }
         Command::Serve(args) => {
             let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
             serve::run(&catalog, &ServeConfig::try_from(args)?)
@@ -337,13 +360,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
     }
+    .map(|()| 0)
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let mut msg = format!("vgpu-emu: error: {e}");
             let mut source = e.source();

@@ -247,3 +247,23 @@ fn accepted_bad_input_is_refused() {
         "`EMU-64M@` names no version; write EMU-64M@VERSION (it has 1) or EMU-64M for the newest",
     );
 }
+
+/// `diff` exits 0 for identical versions, 1 when they differ, 2 for a type that does not exist.
+#[test]
+fn diff_exit_codes() {
+    let out = run(&["diff", "EMU-64M", "EMU-64M@1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "EMU-64M@1 and EMU-64M@1: no guest-visible difference\n"
+    );
+    let out = run(&["diff", "EMU-16M", "EMU-64M"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("PCI subsystem       EMU-16M@1: 1234:1001"),
+        "{text}"
+    );
+    assert!(stderr(&out).is_empty(), "a difference is no error");
+    assert_exit(&["diff", "EMU-16M", "NOPE"], USAGE, "unknown type `NOPE`");
+}
