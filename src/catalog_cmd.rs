@@ -50,6 +50,19 @@ pub fn load_catalog(files: &[PathBuf]) -> Result<Catalog, CliError> {
     Ok(catalog)
 }
 
+/// Resolves `NAME`, `NAME@VERSION` or an mdev type directory (`vgpu_emu-emu_64m-v1`, as the
+/// daemon's tree and `create` name types).
+pub fn resolve<'a>(catalog: &'a Catalog, spec: &str) -> Result<&'a VgpuType, CliError> {
+    match catalog.resolve(spec) {
+        Ok(t) => Ok(t),
+        Err(e) => catalog
+            .types()
+            .iter()
+            .find(|t| crate::manager::type_dir(t) == spec)
+            .ok_or(CliError::Lookup(e)),
+    }
+}
+
 /// Everything `describe --json` prints about a type version.
 #[derive(Serialize)]
 struct TypeView<'a> {
@@ -202,7 +215,7 @@ fn bar_line(b: &BarSpec) -> String {
 
 /// `vgpu-emu describe NAME[@VERSION]`.
 pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, CliError> {
-    let ty = catalog.resolve(spec)?;
+    let ty = resolve(catalog, spec)?;
     let v = view(catalog, ty);
     if json {
         return Ok(serde_json::to_string_pretty(&v)? + "\n");
@@ -492,7 +505,7 @@ pub fn differences(a: &VgpuType, b: &VgpuType) -> Vec<Difference> {
 
 /// `vgpu-emu diff A B`: the report, and whether the two versions are identical to a guest.
 pub fn diff(catalog: &Catalog, a: &str, b: &str, json: bool) -> Result<(String, bool), CliError> {
-    let (ta, tb) = (catalog.resolve(a)?, catalog.resolve(b)?);
+    let (ta, tb) = (resolve(catalog, a)?, resolve(catalog, b)?);
     let diffs = differences(ta, tb);
     let identical = diffs.is_empty();
     if json {
@@ -675,6 +688,19 @@ max_instances = 8
                 && d["b"] == "1234:1002"));
         assert!(matches!(
             diff(&c, "EMU-64M", "NOPE", false),
+            Err(CliError::Lookup(_))
+        ));
+    }
+
+    #[test]
+    fn describe_and_diff_accept_a_type_directory() {
+        let c = Catalog::builtin().unwrap();
+        let out = describe(&c, "vgpu_emu-emu_64m-v1", false).unwrap();
+        assert!(out.starts_with("EMU-64M@1  ("), "{out}");
+        let (_, identical) = diff(&c, "vgpu_emu-m60_2q-v1", "M60-2Q@1", false).unwrap();
+        assert!(identical);
+        assert!(matches!(
+            describe(&c, "vgpu_emu-emu_64m-v9", false),
             Err(CliError::Lookup(_))
         ));
     }

@@ -42,8 +42,9 @@ enum Command {
     },
     /// Print every guest-visible property of one type version and its ABI fingerprint.
     Describe {
-        /// NAME (newest non-deprecated version) or NAME@VERSION.
-        #[arg(value_name = "NAME[@VERSION]")]
+        /// NAME (newest non-deprecated version), NAME@VERSION, or an mdev type directory
+        /// (vgpu_emu-emu_64m-v1).
+        #[arg(value_name = "NAME[@VERSION]|TYPE-DIR")]
         name: String,
         /// Print JSON.
         #[arg(long)]
@@ -54,7 +55,7 @@ enum Command {
     /// config space, EDID and register bytes a guest reads at power-on). Exits 0 when the
     /// versions are identical to a guest, 1 when they differ (like diff(1)).
     Diff {
-        /// First type: NAME (newest non-deprecated version) or NAME@VERSION.
+        /// First type: NAME (newest non-deprecated version), NAME@VERSION or a type directory.
         #[arg(value_name = "A[@VERSION]")]
         a: String,
         /// Second type.
@@ -137,7 +138,8 @@ enum Command {
 /// `serve` options.
 #[derive(Debug, Default, Args)]
 struct ServeArgs {
-    /// vGPU type, NAME or NAME@VERSION [default: the catalog's default type, see `types`].
+    /// vGPU type, NAME, NAME@VERSION or a type directory (vgpu_emu-emu_64m-v1) [default: the
+    /// catalog's default type, see `types`].
     #[arg(long = "type", value_name = "NAME[@VERSION]")]
     type_spec: Option<String>,
     /// vfio-user socket to create [default: $XDG_RUNTIME_DIR/vgpu-emu.sock, else

@@ -58,7 +58,7 @@ pub fn resolve_servable<'a>(
     spec: Option<&str>,
 ) -> Result<&'a VgpuType, CliError> {
     let ty = match spec {
-        Some(s) => catalog.resolve(s)?,
+        Some(s) => crate::catalog_cmd::resolve(catalog, s)?,
         None => catalog.default_type().ok_or(CliError::NoDefaultType)?,
     };
     if !ty.personality.is_implemented() {

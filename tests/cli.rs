@@ -267,3 +267,16 @@ fn diff_exit_codes() {
     assert!(stderr(&out).is_empty(), "a difference is no error");
     assert_exit(&["diff", "EMU-16M", "NOPE"], USAGE, "unknown type `NOPE`");
 }
+
+/// The type directory `create` and the tree use names a type wherever a name does.
+#[test]
+fn a_type_directory_names_a_type() {
+    let out = run(&["describe", "vgpu_emu-emu_64m-v1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("EMU-64M@1  ("));
+    assert_exit(
+        &["describe", "vgpu_emu-emu_64m-v7"],
+        USAGE,
+        "unknown type `vgpu_emu-emu_64m-v7`",
+    );
+}
