@@ -20,8 +20,8 @@ use vgpu_emu::{catalog_cmd, control};
 #[derive(Debug, Parser)]
 #[command(name = "vgpu-emu", version, about, long_about)]
 struct Cli {
-    /// Load extra vGPU types from a TOML file of at most 1 MiB (repeatable; see the README,
-    /// "Adding a type").
+    /// Load extra vGPU types from a TOML file of at most 1 MiB (repeatable; `vgpu-emu types
+    /// --help` lists its fields).
     #[arg(long = "types-file", value_name = "FILE", global = true)]
     types_files: Vec<PathBuf>,
 
@@ -34,7 +34,8 @@ enum Command {
     /// Serve one vGPU instance over vfio-user until SIGINT or SIGTERM (the default command).
     Serve(ServeArgs),
     /// List every vGPU type version with its parent family, personality, available/max
-    /// instances and NVIDIA-style description.
+    /// instances and NVIDIA-style description. `--help` also prints the type-file reference.
+    #[command(after_long_help = vgpu_model::catalog::TYPE_FILE_REFERENCE)]
     Types {
         /// Print JSON instead of a table.
         #[arg(long)]

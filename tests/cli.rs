@@ -280,3 +280,14 @@ fn a_type_directory_names_a_type() {
         "unknown type `vgpu_emu-emu_64m-v7`",
     );
 }
+
+#[test]
+fn types_help_prints_the_field_reference() {
+    let out = run(&["types", "--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(vgpu_model::catalog::TYPE_FILE_REFERENCE.trim_end()),
+        "{text}"
+    );
+}

@@ -31,6 +31,64 @@ pub const MAX_FRL: u32 = 240;
 /// Longest type name (it must fit the vendor capability and an mdev type directory name).
 pub const MAX_NAME_LEN: usize = 32;
 
+/// The reference of the type-file format, as `vgpu-emu types --help` prints it. A test keeps its
+/// field lists equal to the fields the parser accepts.
+pub const TYPE_FILE_REFERENCE: &str = r#"Type files (--types-file FILE, TOML, at most 1 MiB; a bad one is refused with its file, line
+and field) hold any of:
+
+default_type = "NAME[@VERSION]"   the type `serve` uses without --type (optional)
+
+[[family]]: a parent family, a simulated physical GPU whose VRAM its instances share
+  name                letters, digits, '.', '_', '-' (at most 32); not defined already
+  description         one line for humans
+  vram                VRAM of one parent: bytes, or a number with K, M, G or T (binary)
+
+[[type]]: one version of a vGPU type; every field is required unless marked optional
+  name                letters, digits, '.', '_', '-' (at most 32); a name that differs from
+                      another only in case is refused, and the daemon refuses two that differ
+                      only in '.', '_' and '-' (they would share an mdev type directory)
+  version             1 or more; NAME@VERSION must be new (a released version never changes)
+  id                  optional management id, like NVIDIA's nvidia-<id>; not guest-visible
+  family              a built-in family (emu: 4G, m60: 8G) or one defined with [[family]]
+  personality         "bochs" (one head; served) or "virtio-gpu" (multi-head; listed, not
+                      served by this build yet)
+  pci                 inline table, every field required:
+    vendor            vendor ID; not 0x0000 or 0xffff (a guest sees an empty slot)
+    device            device ID (stock drivers bind bochs to 0x1111, virtio-gpu to 0x1050)
+    subsystem_vendor  subsystem vendor ID
+    subsystem_device  subsystem ID; virtio-gpu needs at least 0x40
+    class             24-bit class code (display controller: 0x038000)
+    revision          revision ID
+  framebuffer         VRAM per instance: a power of two, bytes or a number with K, M, G or T;
+                      bochs 4M to 2G with room for two frames at max_resolution and 32 bpp
+                      (bochs-drm double-buffers), virtio-gpu one frame per head
+  num_heads           display heads: bochs 1, virtio-gpu 1 to 16
+  max_resolution      "WIDTHxHEIGHT", 64 to 4095 pixels each: no EDID mode and no scanout above
+                      it; its pixel clock at the FRL refresh must fit EDID's 655.35 MHz
+  default_resolution  "WIDTHxHEIGHT" within max_resolution: the EDID's preferred mode
+  frl                 frame-rate limit in frames per second, 0 (off; the EDID then says 60 Hz)
+                      to 240
+  max_instances       instances one parent can host, at least 1; times framebuffer within the
+                      family's VRAM
+  deprecated          optional, default false: a bare name resolves past this version, which
+                      stays addressable as NAME@VERSION
+
+Example:
+
+[[type]]
+name = "LAB-32M"
+version = 1
+family = "emu"
+personality = "bochs"
+pci = { vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }
+framebuffer = "32M"
+num_heads = 1
+max_resolution = "2560x1440"
+default_resolution = "1920x1080"
+frl = 30
+max_instances = 8
+"#;
+
 /// Which register set and driver the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -1320,6 +1378,68 @@ mod tests {
                 .to_string()
                 .starts_with(&format!("user.toml:{}: field `{field}`", line_of(key))));
         }
+    }
+
+    /// The fields of one section of [`TYPE_FILE_REFERENCE`]: lines indented by `indent` spaces
+    /// that start with a field name, from the line starting with `header` to the next blank line.
+    fn reference_fields(header: &str, indent: usize) -> Vec<String> {
+        let mut lines = TYPE_FILE_REFERENCE
+            .lines()
+            .skip_while(|l| !l.starts_with(header))
+            .skip(1);
+        let mut fields = Vec::new();
+        for l in lines.by_ref().take_while(|l| !l.is_empty()) {
+            let body = &l[indent.min(l.len())..];
+            if l.len() > indent
+                && l[..indent].trim().is_empty()
+                && body.starts_with(|c: char| c.is_ascii_lowercase())
+            {
+                fields.push(body.split_whitespace().next().unwrap().to_string());
+            }
+        }
+        fields.sort();
+        fields
+    }
+
+    /// The fields the parser accepts, from serde's unknown-field error.
+    fn accepted_fields(text: &str) -> Vec<String> {
+        let e = Catalog::builtin()
+            .unwrap()
+            .add_toml("x.toml", text)
+            .unwrap_err();
+        let list = e
+            .message
+            .split("expected one of")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{e}"));
+        let mut fields: Vec<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        fields.sort();
+        fields
+    }
+
+    #[test]
+    fn the_field_reference_lists_every_accepted_field() {
+        let ty = accepted_fields(&(good() + "bogus = 1\n"));
+        assert_eq!(reference_fields("[[type]]", 2), ty);
+        let pci = accepted_fields(&good().replace("revision = 2 }", "revision = 2, bogus = 1 }"));
+        assert_eq!(reference_fields("  pci ", 4), pci);
+        let family = accepted_fields(
+            "[[family]]\nname = \"f\"\ndescription = \"d\"\nvram = \"1G\"\nbogus = 1\n",
+        );
+        assert_eq!(reference_fields("[[family]]", 2), family);
+        let top = accepted_fields("bogus = 1\n");
+        assert_eq!(top, ["default_type", "family", "type"]);
+        assert!(TYPE_FILE_REFERENCE.contains("\ndefault_type = "));
+        // The example loads.
+        let example = TYPE_FILE_REFERENCE.split("Example:\n").nth(1).unwrap();
+        let mut c = builtin();
+        c.add_toml("example.toml", example).unwrap();
+        assert_eq!(c.resolve("LAB-32M").unwrap().framebuffer, 32 << 20);
     }
 
     #[test]
