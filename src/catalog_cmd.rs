@@ -346,6 +346,28 @@ pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, Cli
     Ok(header + &out)
 }
 
+/// The EDID base block of a type version, with the nil UUID as serial (an instance puts its own
+/// UUID there): 128 bytes for `edid-decode`.
+pub fn edid_bytes(ty: &VgpuType) -> Vec<u8> {
+    edid::generate(ty, &[0; 16]).to_vec()
+}
+
+/// The config space a guest reads at power-on, in the hex form of `lspci -x`, which
+/// `lspci -F FILE` reads back (`lspci -F FILE -vv` decodes it). Only personalities this build
+/// renders have one.
+pub fn config_dump(catalog: &Catalog, ty: &VgpuType) -> Result<String, CliError> {
+    let Some(images) = power_on_images(ty) else {
+        return Err(crate::serve::not_servable(catalog, ty));
+    };
+    let config = &images[0].1;
+    let mut out = format!("00:00.0 vgpu-emu {} config space at power-on\n", ty.key());
+    for (row, bytes) in config.chunks(16).enumerate() {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = writeln!(out, "{:02x}: {}", row * 16, hex.join(" "));
+    }
+    Ok(out)
+}
+
 /// One guest-visible property that differs between two type versions.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct Difference {
@@ -703,6 +725,37 @@ max_instances = 8
             describe(&c, "vgpu_emu-emu_64m-v9", false),
             Err(CliError::Lookup(_))
         ));
+    }
+
+    /// The dump follows what lspci's dump reader (lib/dump.c) takes: a `BB:DD.F ` line, then
+    /// `XX: ` and 16 bytes per line; read back, it is the power-on config space.
+    #[test]
+    fn config_dump_is_in_lspci_x_form() {
+        let c = Catalog::builtin().unwrap();
+        let ty = c.resolve("EMU-64M").unwrap();
+        let dump = config_dump(&c, ty).unwrap();
+        let mut lines = dump.lines();
+        let head = lines.next().unwrap();
+        assert_eq!((&head[2..3], &head[5..6], &head[7..8]), (":", ".", " "));
+        let mut bytes = Vec::new();
+        for (row, line) in lines.enumerate() {
+            assert_eq!(line.len(), 51, "{line}");
+            assert_eq!(&line[..4], format!("{:02x}: ", row * 16));
+            bytes.extend(
+                line[4..]
+                    .split(' ')
+                    .map(|h| u8::from_str_radix(h, 16).unwrap()),
+            );
+        }
+        let dev = Device::new(ty, &[0; 16], Box::new(NullVram(ty.framebuffer))).unwrap();
+        assert_eq!(bytes, dev.config().reset_image().to_vec());
+        assert!(matches!(
+            config_dump(&c, c.resolve("M60-2Q").unwrap()),
+            Err(CliError::NotServable { .. })
+        ));
+        let edid = edid_bytes(ty);
+        assert_eq!(edid, dev.edid()[..128].to_vec(), "what the guest reads");
+        assert_eq!(edid[..8], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
     }
 
     #[test]

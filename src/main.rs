@@ -2,7 +2,7 @@
 
 use std::error::Error as _;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -50,6 +50,14 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Write the type's EDID (128 bytes, serial: the nil UUID) to FILE (`-`: stdout) for
+        /// edid-decode, instead of the description.
+        #[arg(long, value_name = "FILE")]
+        edid: Option<PathBuf>,
+        /// Write the config space a guest reads at power-on, in `lspci -x` form, to FILE (`-`:
+        /// stdout) for `lspci -F FILE -vv`, instead of the description.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Compare two type versions: every guest-visible difference (PCI identity, BARs,
     /// capabilities, features, framebuffer, heads, resolutions, FRL, EDID modes, and the raw
@@ -172,6 +180,20 @@ fn print(out: &str) {
     let _ = std::io::stdout().write_all(out.as_bytes());
 }
 
+/// Writes `bytes` to `path`, or to stdout when `path` is `-`.
+fn write_output(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    let result = if path == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes).and_then(|()| out.flush())
+    } else {
+        std::fs::write(path, bytes)
+    };
+    result.map_err(|source| CliError::Output {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn status_text(s: &vgpu_emu::instance::Status) -> String {
     let yes_no = |b: bool, yes: &str, no: &str| if b { yes } else { no }.to_string();
     let mut rows = vec![
@@ -246,9 +268,34 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             print(&catalog_cmd::types(&catalog, json)?);
             Ok(())
         }
-        Command::Describe { name, json } => {
+        Command::Describe {
+            name,
+            json,
+            edid,
+            config,
+        } => {
             let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
-            print(&catalog_cmd::describe(&catalog, &name, json)?);
+            if edid.is_none() && config.is_none() {
+                print(&catalog_cmd::describe(&catalog, &name, json)?);
+                return Ok(0);
+            }
+            let stdout = Path::new("-");
+            if edid.as_deref() == Some(stdout) && config.as_deref() == Some(stdout) {
+                return Err(CliError::Config(
+                    "--edid and --config cannot both write to stdout".into(),
+                ));
+            }
+            let ty = catalog_cmd::resolve(&catalog, &name)?;
+            let config_text = match &config {
+                Some(_) => Some(catalog_cmd::config_dump(&catalog, ty)?),
+                None => None,
+            };
+            if let Some(path) = &edid {
+                write_output(path, &catalog_cmd::edid_bytes(ty))?;
+            }
+            if let (Some(path), Some(text)) = (&config, config_text) {
+                write_output(path, text.as_bytes())?;
+            }
             Ok(())
         }
         Command::Daemon {

@@ -62,19 +62,25 @@ pub fn resolve_servable<'a>(
         None => catalog.default_type().ok_or(CliError::NoDefaultType)?,
     };
     if !ty.personality.is_implemented() {
-        let servable: Vec<String> = catalog
-            .types()
-            .iter()
-            .filter(|t| t.personality.is_implemented() && !t.deprecated)
-            .map(|t| t.key())
-            .collect();
-        return Err(CliError::NotServable {
-            ty: ty.key(),
-            personality: ty.personality.to_string(),
-            servable: servable.join(", "),
-        });
+        return Err(not_servable(catalog, ty));
     }
     Ok(ty)
+}
+
+/// The error for a type whose personality this build cannot serve (or render), naming those it
+/// can.
+pub fn not_servable(catalog: &Catalog, ty: &VgpuType) -> CliError {
+    let servable: Vec<String> = catalog
+        .types()
+        .iter()
+        .filter(|t| t.personality.is_implemented() && !t.deprecated)
+        .map(|t| t.key())
+        .collect();
+    CliError::NotServable {
+        ty: ty.key(),
+        personality: ty.personality.to_string(),
+        servable: servable.join(", "),
+    }
 }
 
 /// Runs `serve` until a signal arrives.

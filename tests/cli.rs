@@ -291,3 +291,44 @@ fn types_help_prints_the_field_reference() {
         "{text}"
     );
 }
+
+/// `describe --edid/--config` write the raw bytes for edid-decode and `lspci -F`.
+#[test]
+fn describe_dumps_edid_and_config_space() {
+    let out = run(&["describe", "EMU-64M", "--edid", "-"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 128);
+    assert_eq!(out.stdout[..8], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+    assert_eq!(
+        out.stdout.iter().fold(0u8, |s, b| s.wrapping_add(*b)),
+        0,
+        "EDID checksum"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.lspci");
+    let out = run(&[
+        "describe".as_ref(),
+        "vgpu_emu-emu_16m-v1".as_ref(),
+        "--config".as_ref(),
+        file.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "no description with a dump");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("00:00.0 vgpu-emu EMU-16M@1 "), "{text}");
+    assert!(
+        text.contains("\n00: 34 12 11 11 00 00 10 00 02 00 80 03 "),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 17);
+    assert_exit(
+        &["describe", "M60-2Q", "--config", "-"],
+        USAGE,
+        "cannot serve yet",
+    );
+    assert_exit(
+        &["describe", "EMU-64M", "--config", "-", "--edid", "-"],
+        USAGE,
+        "cannot both write to stdout",
+    );
+}
