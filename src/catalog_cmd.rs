@@ -63,6 +63,22 @@ pub fn resolve<'a>(catalog: &'a Catalog, spec: &str) -> Result<&'a VgpuType, Cli
     }
 }
 
+/// The warning logged when a deprecated type version is served, or `None` when `ty` is not
+/// deprecated.
+pub fn deprecation_warning(catalog: &Catalog, ty: &VgpuType) -> Option<String> {
+    if !ty.deprecated {
+        return None;
+    }
+    let instead = match catalog.resolve(&ty.name) {
+        Ok(bare) if !bare.deprecated => format!("; a bare {} resolves to {}", ty.name, bare.key()),
+        _ => String::new(),
+    };
+    Some(format!(
+        "type {} is deprecated{instead}; it stays served for what pinned it",
+        ty.key()
+    ))
+}
+
 /// Everything `describe --json` prints about a type version.
 #[derive(Serialize)]
 struct TypeView<'a> {
@@ -248,7 +264,7 @@ pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, Cli
         }
     }
     if ty.deprecated {
-        status.push("deprecated".into());
+        status.push("DEPRECATED".into());
     }
     if v.default {
         status.push("the default type".into());
@@ -756,6 +772,46 @@ max_instances = 8
         let edid = edid_bytes(ty);
         assert_eq!(edid, dev.edid()[..128].to_vec(), "what the guest reads");
         assert_eq!(edid[..8], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+    }
+
+    #[test]
+    fn deprecation_shows_in_types_describe_and_the_warning() {
+        let mut c = Catalog::builtin().unwrap();
+        c.add_toml(
+            "lab.toml",
+            &(lab(1, "64M", "deprecated = true") + &lab(2, "32M", "")),
+        )
+        .unwrap();
+        let old = c.resolve("LAB-32M@1").unwrap();
+        let out = types(&c, false).unwrap();
+        let row = out.lines().find(|l| l.starts_with("LAB-32M@1 ")).unwrap();
+        assert!(row.contains(" deprecated,user "), "{row}");
+        let row = out.lines().find(|l| l.starts_with("LAB-32M@2 ")).unwrap();
+        assert!(!row.contains("deprecated"), "{row}");
+        let json: serde_json::Value = serde_json::from_str(&types(&c, true).unwrap()).unwrap();
+        assert!(json
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["key"] == "LAB-32M@1" && t["deprecated"] == true));
+        let out = describe(&c, "LAB-32M@1", false).unwrap();
+        assert!(
+            out.starts_with(
+                "LAB-32M@1  (an older version; a bare LAB-32M resolves to LAB-32M@2; DEPRECATED)"
+            ),
+            "{out}"
+        );
+        assert_eq!(
+            deprecation_warning(&c, old).as_deref(),
+            Some(
+                "type LAB-32M@1 is deprecated; a bare LAB-32M resolves to LAB-32M@2; it stays \
+                 served for what pinned it"
+            )
+        );
+        assert_eq!(
+            deprecation_warning(&c, c.resolve("LAB-32M@2").unwrap()),
+            None
+        );
     }
 
     #[test]

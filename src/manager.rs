@@ -545,6 +545,9 @@ impl Manager {
             ty.key(),
             socket.display()
         );
+        if let Some(warning) = crate::catalog_cmd::deprecation_warning(&self.catalog, &ty) {
+            warn!("{uuid}: {warning}");
+        }
         self.instances.insert(
             uuid,
             Managed {

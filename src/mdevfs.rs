@@ -161,7 +161,14 @@ fn resolve_node(m: &Manager, path: &str, list: bool) -> Option<Node> {
                     e.push(("devices".into(), Directory));
                     dir(e)
                 }
-                ["name"] => Node::File(Some(format!("{}\n", ty.key())), false),
+                ["name"] => Node::File(
+                    Some(if ty.deprecated {
+                        format!("{} (deprecated)\n", ty.key())
+                    } else {
+                        format!("{}\n", ty.key())
+                    }),
+                    false,
+                ),
                 ["description"] => {
                     Node::File(Some(format!("{}\n", ty.nvidia_description())), false)
                 }

@@ -64,6 +64,9 @@ pub fn resolve_servable<'a>(
     if !ty.personality.is_implemented() {
         return Err(not_servable(catalog, ty));
     }
+    if let Some(warning) = crate::catalog_cmd::deprecation_warning(catalog, ty) {
+        log::warn!("{warning}");
+    }
     Ok(ty)
 }
 

@@ -332,3 +332,39 @@ fn describe_dumps_edid_and_config_space() {
         "cannot both write to stdout",
     );
 }
+
+/// Serving a deprecated version works (it is pinned somewhere) and logs a warning.
+#[test]
+fn serving_a_deprecated_version_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "lab.toml",
+        &(lab(1, "64M") + "deprecated = true\n\n" + &lab(2, "32M")),
+    );
+    let socket = dir.path().join("vgpu.sock");
+    let mut child = Command::new(BIN)
+        .arg("--types-file")
+        .arg(&file)
+        .args(["serve", "--type", "LAB-32M@1", "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("vgpu-emu: serving LAB-32M@1 ("), "{line}");
+    // The warning is logged before the readiness line; stderr ends when the process does.
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("type LAB-32M@1 is deprecated; a bare LAB-32M resolves to LAB-32M@2"),
+        "{err}"
+    );
+}

@@ -502,3 +502,60 @@ fn refusals_give_their_reason_in_the_cli_and_the_tree() {
             .nvidia_description()
     );
 }
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn a_deprecated_version_says_so_in_the_tree_and_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = |version: u32, extra: &str| {
+        format!(
+            "[[type]]\nname = \"LAB-32M\"\nversion = {version}\nfamily = \"emu\"\npersonality = \"bochs\"\n\
+             pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
+             framebuffer = \"32M\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
+             default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n{extra}\n"
+        )
+    };
+    let types = dir.path().join("lab.toml");
+    std::fs::write(&types, lab(1, "deprecated = true") + &lab(2, "")).unwrap();
+    let root = dir.path().join("root");
+    let mut child = Command::new(BIN)
+        .arg("--types-file")
+        .arg(&types)
+        .arg("daemon")
+        .arg("--root")
+        .arg(&root)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("vgpu-emu daemon:"), "{line}");
+    let name = |v: u32| {
+        std::fs::read_to_string(root.join(format!(
+            "sys/class/mdev_bus/emu0/mdev_supported_types/vgpu_emu-lab_32m-v{v}/name"
+        )))
+        .unwrap()
+    };
+    assert_eq!(name(1), "LAB-32M@1 (deprecated)\n");
+    assert_eq!(name(2), "LAB-32M@2\n");
+    std::fs::write(
+        root.join("sys/class/mdev_bus/emu0/mdev_supported_types/vgpu_emu-lab_32m-v1/create"),
+        U1,
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{U1}: type LAB-32M@1 is deprecated; a bare LAB-32M resolves to LAB-32M@2"
+        )),
+        "{err}"
+    );
+}
