@@ -659,7 +659,7 @@ max_instances = 8
         let out = describe(&c, "LAB-32M@3", false).unwrap();
         assert!(
             out.starts_with(
-                "LAB-32M@3  (newest version; a bare LAB-32M resolves to LAB-32M@2; deprecated)"
+                "LAB-32M@3  (newest version; a bare LAB-32M resolves to LAB-32M@2; DEPRECATED)"
             ),
             "{out}"
         );
