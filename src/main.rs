@@ -76,9 +76,10 @@ enum Command {
     },
     /// Show a running instance: type, client, display mode, counters.
     Status {
-        /// The instance's vfio-user socket.
+        /// The instance's vfio-user socket [default: the one `serve` uses by default,
+        /// $XDG_RUNTIME_DIR/vgpu-emu.sock, else /tmp/vgpu-emu-UID.sock].
         #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
+        socket: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -132,13 +133,14 @@ enum Command {
     },
     /// Save a head's current image as PNG.
     Screenshot {
-        /// The instance's vfio-user socket.
+        /// The instance's vfio-user socket [default: the one `serve` uses by default,
+        /// $XDG_RUNTIME_DIR/vgpu-emu.sock, else /tmp/vgpu-emu-UID.sock].
         #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
+        socket: Option<PathBuf>,
         /// Head to capture.
         #[arg(long, default_value_t = 0)]
         head: u32,
-        /// Output PNG file.
+        /// Output PNG file (`-`: stdout).
         #[arg(short = 'o', long = "output", value_name = "FILE.png")]
         output: PathBuf,
     },
@@ -376,6 +378,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             Ok(())
         }
         Command::Status { socket, json } => {
+            let socket = socket.unwrap_or_else(serve::default_socket);
             // The socket may be named through a link (the mdev tree's vfio-user.sock).
             let socket = std::fs::canonicalize(&socket).unwrap_or(socket);
             let s = control::status(&control_path(&socket))?;
@@ -391,6 +394,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             head,
             output,
         } => {
+            let socket = socket.unwrap_or_else(serve::default_socket);
             let socket = std::fs::canonicalize(&socket).unwrap_or(socket);
             let ctl = control_path(&socket);
             let heads = control::status(&ctl)?.heads.len();
@@ -398,15 +402,13 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 return Err(CliError::NoSuchHead { head, heads });
             }
             let png = control::screenshot(&ctl, head)?;
-            std::fs::write(&output, &png).map_err(|source| CliError::Output {
-                path: output.clone(),
-                source,
-            })?;
-            eprintln!(
-                "vgpu-emu: wrote head {head} of {} to {}",
-                socket.display(),
-                output.display()
-            );
+            write_output(&output, &png)?;
+            let to = if output == Path::new("-") {
+                "stdout".to_string()
+            } else {
+                output.display().to_string()
+            };
+            eprintln!("vgpu-emu: wrote head {head} of {} to {to}", socket.display());
             Ok(())
         }
     }

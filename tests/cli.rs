@@ -368,3 +368,69 @@ fn serving_a_deprecated_version_warns() {
         "{err}"
     );
 }
+
+/// `status` and `screenshot` find the instance `serve` started on its default socket, and
+/// `screenshot -o -` writes the PNG to stdout.
+#[test]
+fn status_and_screenshot_default_to_serves_socket() {
+    let runtime = tempfile::tempdir().unwrap();
+    let socket = runtime.path().join("vgpu-emu.sock");
+    let with_env = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let mut child = Command::new(BIN)
+        .args(["serve", "--type", "EMU-16M"])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains(&format!(" on {}", socket.display())),
+        "{line}"
+    );
+    let out = with_env(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["type"], "EMU-16M@1");
+
+    // A 64x64 mode at 32 bpp, the way Linux bochs-drm sets one, and one red pixel.
+    let mut c = vfio_user::Client::new(&socket).unwrap();
+    let bar2 = 2;
+    let mut b = [0u8; 1];
+    c.region_read(bar2, 0x400 + 0x1a, &mut b).unwrap();
+    c.region_write(bar2, 0x400, &[0x20]).unwrap();
+    for (index, value) in [
+        (4u64, 0u16),
+        (3, 32),
+        (1, 64),
+        (2, 64),
+        (6, 64),
+        (7, 64),
+        (4, 0x41),
+    ] {
+        c.region_write(bar2, 0x500 + 2 * index, &value.to_le_bytes())
+            .unwrap();
+    }
+    c.region_write(0, 0, &[0x00, 0x00, 0xff, 0x00]).unwrap();
+    let out = with_env(&["screenshot", "-o", "-"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("to stdout"), "{}", stderr(&out));
+    let (w, h, rgb) = vgpu_emu::display::decode_png_rgb(&out.stdout).unwrap();
+    assert_eq!((w, h, &rgb[..3]), (64, 64, &[0xff, 0x00, 0x00][..]));
+    drop(c);
+    let _ = child.kill();
+    let _ = child.wait();
+}
