@@ -573,4 +573,39 @@ mod tests {
             None
         );
     }
+
+    /// A path walk through the types directory does not list it (thousands of entries); only
+    /// readdir does. Nodes that never change may be cached by the kernel; instance nodes not.
+    #[test]
+    fn path_walks_skip_the_type_list_and_only_instance_nodes_are_uncached() {
+        let dir = tempfile::tempdir().unwrap();
+        let parents: Vec<ParentSpec> = vec!["emu0=emu".parse().unwrap()];
+        let m = Manager::new(Catalog::builtin().unwrap(), parents, dir.path()).unwrap();
+        let types = "devices/emu0/mdev_supported_types";
+        assert_eq!(resolve_node(&m, types, false), Some(Node::Dir(Vec::new())));
+        let Some(Node::Dir(listed)) = resolve(&m, types) else {
+            panic!("not a directory")
+        };
+        assert_eq!(listed.len(), m.types_of("emu0").count());
+        assert!(listed.iter().any(|(n, _)| n == "vgpu_emu-emu_64m-v1"));
+        assert_eq!(
+            resolve_node(&m, &format!("{types}/vgpu_emu-emu_64m-v1/name"), false),
+            Some(Node::File(Some("EMU-64M@1\n".into()), false))
+        );
+        for fixed in [
+            "",
+            "class/mdev_bus/emu0",
+            &format!("{types}/vgpu_emu-emu_64m-v1/name"),
+        ] {
+            assert_eq!(ttl(fixed), STATIC_TTL, "{fixed}");
+        }
+        let u = "33333333-3333-3333-3333-333333333333";
+        for live in [
+            format!("bus/mdev/devices/{u}"),
+            format!("devices/emu0/{u}/remove"),
+            format!("{types}/vgpu_emu-emu_64m-v1/devices/{u}"),
+        ] {
+            assert_eq!(ttl(&live), TTL, "{live}");
+        }
+    }
 }
