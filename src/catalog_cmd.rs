@@ -1,28 +1,82 @@
 //! `vgpu-emu types` and `vgpu-emu describe`: the type catalog for humans and scripts.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use vgpu_model::catalog::{BarKind, BarSpec};
 use vgpu_model::edid::{self, Mode};
 use vgpu_model::fingerprint::{self, fingerprint};
-use vgpu_model::pci::{VendorCapability, VENDOR_CAP_OFFSET};
-use vgpu_model::{Catalog, VgpuType};
+use vgpu_model::pci::{walk_capabilities, VendorCapability, CAP_ID_VENDOR, VENDOR_CAP_OFFSET};
+use vgpu_model::vram::NullVram;
+use vgpu_model::{Catalog, Device, VgpuType};
 
 use crate::error::CliError;
+
+/// Largest type file read: far above any real table (the built-in one is a few KiB), and small
+/// enough that `--types-file /dev/zero` or a never-ending pipe is refused at once.
+pub const MAX_TYPES_FILE: u64 = 1 << 20;
+
+/// Reads a type file of at most [`MAX_TYPES_FILE`] bytes, never more than one byte past it.
+fn read_types_file(path: &Path) -> Result<String, CliError> {
+    let io = |source| CliError::TypesFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_TYPES_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_TYPES_FILE {
+        return Err(CliError::TypesFileTooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_TYPES_FILE,
+        });
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
 
 /// Loads the built-in catalog plus `files`, in order.
 pub fn load_catalog(files: &[PathBuf]) -> Result<Catalog, CliError> {
     let mut catalog = Catalog::builtin()?;
     for path in files {
-        let text = std::fs::read_to_string(path).map_err(|source| CliError::TypesFile {
-            path: path.clone(),
-            source,
-        })?;
+        let text = read_types_file(path)?;
         catalog.add_toml(&path.display().to_string(), &text)?;
     }
     Ok(catalog)
+}
+
+/// Resolves `NAME`, `NAME@VERSION` or an mdev type directory (`vgpu_emu-emu_64m-v1`, as the
+/// daemon's tree and `create` name types).
+pub fn resolve<'a>(catalog: &'a Catalog, spec: &str) -> Result<&'a VgpuType, CliError> {
+    match catalog.resolve(spec) {
+        Ok(t) => Ok(t),
+        Err(e) => catalog
+            .types()
+            .iter()
+            .find(|t| crate::manager::type_dir(t) == spec)
+            .ok_or(CliError::Lookup(e)),
+    }
+}
+
+/// The warning logged when a deprecated type version is served, or `None` when `ty` is not
+/// deprecated.
+pub fn deprecation_warning(catalog: &Catalog, ty: &VgpuType) -> Option<String> {
+    if !ty.deprecated {
+        return None;
+    }
+    let instead = match catalog.resolve(&ty.name) {
+        Ok(bare) if !bare.deprecated => format!("; a bare {} resolves to {}", ty.name, bare.key()),
+        _ => String::new(),
+    };
+    Some(format!(
+        "type {} is deprecated{instead}; it stays served for what pinned it",
+        ty.key()
+    ))
 }
 
 /// Everything `describe --json` prints about a type version.
@@ -35,6 +89,8 @@ struct TypeView<'a> {
     source: &'a str,
     default: bool,
     newest: bool,
+    /// A bare `name` resolves to this version.
+    resolves_bare: bool,
     served: bool,
     available_instances: u32,
     fingerprint: String,
@@ -50,6 +106,7 @@ fn view<'a>(catalog: &Catalog, ty: &'a VgpuType) -> TypeView<'a> {
         source: &ty.source,
         default: catalog.default_type().is_some_and(|d| d.key() == ty.key()),
         newest: catalog.is_newest(ty),
+        resolves_bare: catalog.is_bare_resolution(ty),
         served: ty.personality.is_implemented(),
         available_instances: catalog.instances_on_empty_parent(ty),
         fingerprint: fingerprint(ty).to_string(),
@@ -174,7 +231,7 @@ fn bar_line(b: &BarSpec) -> String {
 
 /// `vgpu-emu describe NAME[@VERSION]`.
 pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, CliError> {
-    let ty = catalog.resolve(spec)?;
+    let ty = resolve(catalog, spec)?;
     let v = view(catalog, ty);
     if json {
         return Ok(serde_json::to_string_pretty(&v)? + "\n");
@@ -186,16 +243,28 @@ pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, Cli
     let family = catalog.family(&ty.family);
     let p = &ty.pci;
     let mut status = Vec::new();
-    if v.newest {
-        status.push(format!("newest version of {}", ty.name));
-    } else {
-        status.push(format!(
-            "an older version of {} (a bare name resolves elsewhere)",
+    match (v.newest, v.resolves_bare) {
+        (true, true) => status.push(format!("newest version of {}", ty.name)),
+        (false, true) => status.push(format!(
+            "what a bare {} resolves to (newer versions are deprecated)",
             ty.name
-        ));
+        )),
+        (newest, false) => {
+            let bare = catalog.resolve(&ty.name)?;
+            status.push(format!(
+                "{}; a bare {} resolves to {}",
+                if newest {
+                    "newest version"
+                } else {
+                    "an older version"
+                },
+                ty.name,
+                bare.key()
+            ));
+        }
     }
     if ty.deprecated {
-        status.push("deprecated".into());
+        status.push("DEPRECATED".into());
     }
     if v.default {
         status.push("the default type".into());
@@ -293,6 +362,223 @@ pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, Cli
     Ok(header + &out)
 }
 
+/// The EDID base block of a type version, with the nil UUID as serial (an instance puts its own
+/// UUID there): 128 bytes for `edid-decode`.
+pub fn edid_bytes(ty: &VgpuType) -> Vec<u8> {
+    edid::generate(ty, &[0; 16]).to_vec()
+}
+
+/// The config space a guest reads at power-on, in the hex form of `lspci -x`, which
+/// `lspci -F FILE` reads back (`lspci -F FILE -vv` decodes it). Only personalities this build
+/// renders have one.
+pub fn config_dump(catalog: &Catalog, ty: &VgpuType) -> Result<String, CliError> {
+    let Some(images) = power_on_images(ty) else {
+        return Err(crate::serve::not_servable(catalog, ty));
+    };
+    let config = &images[0].1;
+    let mut out = format!("00:00.0 vgpu-emu {} config space at power-on\n", ty.key());
+    for (row, bytes) in config.chunks(16).enumerate() {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = writeln!(out, "{:02x}: {}", row * 16, hex.join(" "));
+    }
+    Ok(out)
+}
+
+/// One guest-visible property that differs between two type versions.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Difference {
+    /// What differs (`PCI subsystem`, `BAR0`, `EDID modes`, `config space bytes`, ...).
+    pub property: String,
+    /// Its value in the first version.
+    pub a: String,
+    /// Its value in the second version.
+    pub b: String,
+}
+
+/// What the guest reads at power-on, for personalities this build renders: config space,
+/// EDID, register BAR.
+fn power_on_images(ty: &VgpuType) -> Option<[(&'static str, Vec<u8>); 3]> {
+    let mut dev = Device::new(ty, &[0; 16], Box::new(NullVram(ty.framebuffer))).ok()?;
+    Some([
+        ("config space bytes", dev.config().reset_image().to_vec()),
+        ("EDID bytes", dev.edid().to_vec()),
+        ("register BAR bytes", dev.register_image()),
+    ])
+}
+
+fn capability_list(config: &[u8]) -> String {
+    let caps: Vec<String> = walk_capabilities(config)
+        .into_iter()
+        .map(|(id, at)| {
+            let what = if id == CAP_ID_VENDOR {
+                VendorCapability::find(config).map_or("vendor-specific".to_string(), |(n, v)| {
+                    format!("vendor-specific: type {n} version {v}")
+                })
+            } else {
+                format!("ID {id:#04x}")
+            };
+            format!("{at:#04x} {what}")
+        })
+        .collect();
+    if caps.is_empty() {
+        "none".into()
+    } else {
+        caps.join(", ")
+    }
+}
+
+/// The guest-visible properties of a type version, in a fixed order, as `diff` compares them.
+fn guest_properties(ty: &VgpuType) -> Vec<(String, String)> {
+    let p = &ty.pci;
+    let mut props = vec![
+        ("personality".to_string(), ty.personality.to_string()),
+        (
+            "PCI ID".into(),
+            format!("{:04x}:{:04x}", p.vendor, p.device),
+        ),
+        (
+            "PCI subsystem".into(),
+            format!("{:04x}:{:04x}", p.subsystem_vendor, p.subsystem_device),
+        ),
+        ("PCI class".into(), format!("{:06x}", p.class)),
+        ("PCI revision".into(), format!("{:02x}", p.revision)),
+    ];
+    for index in 0..6u8 {
+        let bar = ty.bars.iter().find(|b| b.index == index);
+        props.push((format!("BAR{index}"), bar.map_or("none".into(), bar_line)));
+    }
+    let images = power_on_images(ty);
+    props.push((
+        "capabilities".into(),
+        images
+            .as_ref()
+            .map_or("not rendered by this build".into(), |i| {
+                capability_list(&i[0].1)
+            }),
+    ));
+    props.push((
+        "virtio features".into(),
+        match ty.personality {
+            vgpu_model::Personality::Bochs => "none (no virtio transport)".into(),
+            vgpu_model::Personality::VirtioGpu => "not rendered by this build".into(),
+        },
+    ));
+    props.push(("framebuffer".into(), human_size(ty.framebuffer)));
+    props.push(("heads".into(), ty.num_heads.to_string()));
+    props.push(("max resolution".into(), ty.max_resolution.to_string()));
+    props.push((
+        "default resolution".into(),
+        ty.default_resolution.to_string(),
+    ));
+    props.push((
+        "frame-rate limit".into(),
+        if ty.frl == 0 {
+            "off".into()
+        } else {
+            format!("{} fps", ty.frl)
+        },
+    ));
+    let modes: Vec<String> = edid::decode_modes(&edid::generate(ty, &[0; 16]))
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            format!(
+                "{}x{}@{}{}",
+                m.width,
+                m.height,
+                m.refresh,
+                if m.preferred { "*" } else { "" }
+            )
+        })
+        .collect();
+    props.push(("EDID modes".into(), modes.join(" ")));
+    props
+}
+
+/// Offsets where two byte images differ, as ranges: `0x10-0x13, 0x2e`.
+fn differing_ranges(a: &[u8], b: &[u8]) -> Option<String> {
+    let len = a.len().max(b.len());
+    let differs = |i: usize| a.get(i) != b.get(i);
+    let mut ranges: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < len {
+        if differs(i) {
+            let start = i;
+            while i + 1 < len && differs(i + 1) {
+                i += 1;
+            }
+            ranges.push(if start == i {
+                format!("{start:#05x}")
+            } else {
+                format!("{start:#05x}-{i:#05x}")
+            });
+        }
+        i += 1;
+    }
+    (!ranges.is_empty()).then(|| ranges.join(", "))
+}
+
+/// Every guest-visible difference between type versions `a` and `b`.
+pub fn differences(a: &VgpuType, b: &VgpuType) -> Vec<Difference> {
+    let mut out: Vec<Difference> = guest_properties(a)
+        .into_iter()
+        .zip(guest_properties(b))
+        .filter(|((_, va), (_, vb))| va != vb)
+        .map(|((property, a), (_, b))| Difference { property, a, b })
+        .collect();
+    // Raw images catch whatever the properties above do not spell out.
+    if let (Some(ia), Some(ib)) = (power_on_images(a), power_on_images(b)) {
+        for ((what, ba), (_, bb)) in ia.into_iter().zip(ib) {
+            if let Some(at) = differing_ranges(&ba, &bb) {
+                out.push(Difference {
+                    property: what.to_string(),
+                    a: format!("differ at {at}"),
+                    b: String::new(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `vgpu-emu diff A B`: the report, and whether the two versions are identical to a guest.
+pub fn diff(catalog: &Catalog, a: &str, b: &str, json: bool) -> Result<(String, bool), CliError> {
+    let (ta, tb) = (resolve(catalog, a)?, resolve(catalog, b)?);
+    let diffs = differences(ta, tb);
+    let identical = diffs.is_empty();
+    if json {
+        let v = serde_json::json!({
+            "a": ta.key(),
+            "b": tb.key(),
+            "identical": identical,
+            "fingerprints": [fingerprint(ta).to_string(), fingerprint(tb).to_string()],
+            "differences": diffs,
+        });
+        return Ok((serde_json::to_string_pretty(&v)? + "\n", identical));
+    }
+    let (ka, kb) = (ta.key(), tb.key());
+    if identical {
+        return Ok((
+            format!("{ka} and {kb}: no guest-visible difference\n"),
+            true,
+        ));
+    }
+    let mut out = format!(
+        "{ka} and {kb}: {} guest-visible difference(s)\n",
+        diffs.len()
+    );
+    let width = diffs.iter().map(|d| d.property.len()).max().unwrap_or(0);
+    for d in &diffs {
+        if d.b.is_empty() {
+            let _ = writeln!(out, "  {:<width$}  {}", d.property, d.a);
+        } else {
+            let _ = writeln!(out, "  {:<width$}  {ka}: {}", d.property, d.a);
+            let _ = writeln!(out, "  {:<width$}  {kb}: {}", "", d.b);
+        }
+    }
+    Ok((out, false))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +597,221 @@ mod tests {
         assert!(out.contains("num_heads=4, frl_config=60, framebuffer=2048M, max_resolution=2560x1600, max_instance=4"));
         let json: serde_json::Value = serde_json::from_str(&types(&c, true).unwrap()).unwrap();
         assert_eq!(json.as_array().unwrap().len(), c.types().len());
+    }
+
+    /// A bochs type record for `--types-file` tests.
+    fn lab(version: u32, framebuffer: &str, extra: &str) -> String {
+        format!(
+            r#"[[type]]
+name = "LAB-32M"
+version = {version}
+family = "emu"
+personality = "bochs"
+pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}
+framebuffer = "{framebuffer}"
+num_heads = 1
+max_resolution = "2560x1440"
+default_resolution = "1920x1080"
+frl = 30
+max_instances = 8
+{extra}
+"#
+        )
+    }
+
+    #[test]
+    fn describe_a_bare_name_shows_the_newest_version() {
+        let mut c = Catalog::builtin().unwrap();
+        // @2 has the smaller framebuffer, so it sorts before @1 in the table.
+        c.add_toml("lab.toml", &(lab(1, "64M", "") + &lab(2, "32M", "")))
+            .unwrap();
+        let out = describe(&c, "LAB-32M", false).unwrap();
+        assert!(
+            out.starts_with("LAB-32M@2  (newest version of LAB-32M)"),
+            "{out}"
+        );
+        assert!(out.contains("framebuffer         32M"), "{out}");
+        let out = describe(&c, "LAB-32M@1", false).unwrap();
+        assert!(
+            out.starts_with("LAB-32M@1  (an older version; a bare LAB-32M resolves to LAB-32M@2)"),
+            "{out}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&describe(&c, "LAB-32M", true).unwrap()).unwrap();
+        assert_eq!(
+            (json["version"].as_u64(), json["resolves_bare"].as_bool()),
+            (Some(2), Some(true))
+        );
+
+        let mut c = Catalog::builtin().unwrap();
+        c.add_toml(
+            "lab.toml",
+            &(lab(1, "64M", "") + &lab(2, "32M", "") + &lab(3, "64M", "deprecated = true")),
+        )
+        .unwrap();
+        let out = describe(&c, "LAB-32M", false).unwrap();
+        assert!(
+            out.starts_with(
+                "LAB-32M@2  (what a bare LAB-32M resolves to (newer versions are deprecated))"
+            ),
+            "{out}"
+        );
+        let out = describe(&c, "LAB-32M@3", false).unwrap();
+        assert!(
+            out.starts_with(
+                "LAB-32M@3  (newest version; a bare LAB-32M resolves to LAB-32M@2; DEPRECATED)"
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn diff_lists_every_guest_visible_difference_and_nothing_else() {
+        let mut c = Catalog::builtin().unwrap();
+        // @2 differs from @1 only in its FRL (and so its EDID refresh) and in max_instances,
+        // which is management, not guest ABI.
+        c.add_toml(
+            "lab.toml",
+            &(lab(1, "32M", "")
+                + &lab(2, "32M", "")
+                    .replace("frl = 30", "frl = 60")
+                    .replace("max_instances = 8", "max_instances = 4")),
+        )
+        .unwrap();
+        let (a, b) = (
+            c.resolve("LAB-32M@1").unwrap(),
+            c.resolve("LAB-32M@2").unwrap(),
+        );
+        let props: Vec<String> = differences(a, b).into_iter().map(|d| d.property).collect();
+        assert_eq!(
+            props,
+            [
+                "capabilities",
+                "frame-rate limit",
+                "EDID modes",
+                "config space bytes",
+                "EDID bytes",
+                "register BAR bytes"
+            ],
+        );
+        let d = &differences(a, b)[1];
+        assert_eq!((d.a.as_str(), d.b.as_str()), ("30 fps", "60 fps"));
+        let (out, identical) = diff(&c, "LAB-32M@1", "LAB-32M", false).unwrap();
+        assert!(!identical);
+        assert!(
+            out.starts_with("LAB-32M@1 and LAB-32M@2: 6 guest-visible difference(s)\n"),
+            "{out}"
+        );
+        assert!(out.contains("1920x1080@30*"), "{out}");
+        // The capability carries the version, at 0x44 (after ID, next, length, layout).
+        assert!(
+            out.contains("config space bytes  differ at 0x044\n"),
+            "{out}"
+        );
+        let (out, identical) = diff(&c, "EMU-64M", "emu-64m@1", false).unwrap();
+        assert!(identical);
+        assert_eq!(
+            out,
+            "EMU-64M@1 and EMU-64M@1: no guest-visible difference\n"
+        );
+        let (json, _) = diff(&c, "EMU-16M", "EMU-64M", true).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json["identical"], false);
+        assert!(json["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["property"] == "PCI subsystem"
+                && d["a"] == "1234:1001"
+                && d["b"] == "1234:1002"));
+        assert!(matches!(
+            diff(&c, "EMU-64M", "NOPE", false),
+            Err(CliError::Lookup(_))
+        ));
+    }
+
+    #[test]
+    fn describe_and_diff_accept_a_type_directory() {
+        let c = Catalog::builtin().unwrap();
+        let out = describe(&c, "vgpu_emu-emu_64m-v1", false).unwrap();
+        assert!(out.starts_with("EMU-64M@1  ("), "{out}");
+        let (_, identical) = diff(&c, "vgpu_emu-m60_2q-v1", "M60-2Q@1", false).unwrap();
+        assert!(identical);
+        assert!(matches!(
+            describe(&c, "vgpu_emu-emu_64m-v9", false),
+            Err(CliError::Lookup(_))
+        ));
+    }
+
+    /// The dump follows what lspci's dump reader (lib/dump.c) takes: a `BB:DD.F ` line, then
+    /// `XX: ` and 16 bytes per line; read back, it is the power-on config space.
+    #[test]
+    fn config_dump_is_in_lspci_x_form() {
+        let c = Catalog::builtin().unwrap();
+        let ty = c.resolve("EMU-64M").unwrap();
+        let dump = config_dump(&c, ty).unwrap();
+        let mut lines = dump.lines();
+        let head = lines.next().unwrap();
+        assert_eq!((&head[2..3], &head[5..6], &head[7..8]), (":", ".", " "));
+        let mut bytes = Vec::new();
+        for (row, line) in lines.enumerate() {
+            assert_eq!(line.len(), 51, "{line}");
+            assert_eq!(&line[..4], format!("{:02x}: ", row * 16));
+            bytes.extend(
+                line[4..]
+                    .split(' ')
+                    .map(|h| u8::from_str_radix(h, 16).unwrap()),
+            );
+        }
+        let dev = Device::new(ty, &[0; 16], Box::new(NullVram(ty.framebuffer))).unwrap();
+        assert_eq!(bytes, dev.config().reset_image().to_vec());
+        assert!(matches!(
+            config_dump(&c, c.resolve("M60-2Q").unwrap()),
+            Err(CliError::NotServable { .. })
+        ));
+        let edid = edid_bytes(ty);
+        assert_eq!(edid, dev.edid()[..128].to_vec(), "what the guest reads");
+        assert_eq!(edid[..8], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+    }
+
+    #[test]
+    fn deprecation_shows_in_types_describe_and_the_warning() {
+        let mut c = Catalog::builtin().unwrap();
+        c.add_toml(
+            "lab.toml",
+            &(lab(1, "64M", "deprecated = true") + &lab(2, "32M", "")),
+        )
+        .unwrap();
+        let old = c.resolve("LAB-32M@1").unwrap();
+        let out = types(&c, false).unwrap();
+        let row = out.lines().find(|l| l.starts_with("LAB-32M@1 ")).unwrap();
+        assert!(row.contains(" deprecated,user "), "{row}");
+        let row = out.lines().find(|l| l.starts_with("LAB-32M@2 ")).unwrap();
+        assert!(!row.contains("deprecated"), "{row}");
+        let json: serde_json::Value = serde_json::from_str(&types(&c, true).unwrap()).unwrap();
+        assert!(json
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["key"] == "LAB-32M@1" && t["deprecated"] == true));
+        let out = describe(&c, "LAB-32M@1", false).unwrap();
+        assert!(
+            out.starts_with(
+                "LAB-32M@1  (an older version; a bare LAB-32M resolves to LAB-32M@2; DEPRECATED)"
+            ),
+            "{out}"
+        );
+        assert_eq!(
+            deprecation_warning(&c, old).as_deref(),
+            Some(
+                "type LAB-32M@1 is deprecated; a bare LAB-32M resolves to LAB-32M@2; it stays \
+                 served for what pinned it"
+            )
+        );
+        assert_eq!(
+            deprecation_warning(&c, c.resolve("LAB-32M@2").unwrap()),
+            None
+        );
     }
 
     #[test]

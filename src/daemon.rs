@@ -89,6 +89,9 @@ pub struct Reply {
     /// Why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The refusal is about bad input (see `ManageError::is_bad_input`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bad_input: bool,
     /// Instances (list).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<Vec<InstanceInfo>>,
@@ -473,10 +476,18 @@ fn serve_control(line: &str, out: &mut Vec<u8>, manager: &SharedManager) -> std:
                     uuid: Some(u.to_string()),
                     ..Reply::default()
                 },
-                Err(e) => Reply {
-                    error: Some(crate::error::chain(&e)),
-                    ..Reply::default()
-                },
+                Err(e) => {
+                    // As a refused write to the tree's `create` is logged.
+                    info!(
+                        "create {uuid} on {parent}/{dir} refused: {}",
+                        crate::error::chain(&e)
+                    );
+                    Reply {
+                        error: Some(crate::error::chain(&e)),
+                        bad_input: e.is_bad_input(),
+                        ..Reply::default()
+                    }
+                }
             }
         }
         Ok(Request::Remove { uuid }) => {
@@ -489,11 +500,13 @@ fn serve_control(line: &str, out: &mut Vec<u8>, manager: &SharedManager) -> std:
                     },
                     Err(e) => Reply {
                         error: Some(crate::error::chain(&e)),
+                        bad_input: e.is_bad_input(),
                         ..Reply::default()
                     },
                 },
                 Err(e) => Reply {
                     error: Some(e),
+                    bad_input: true,
                     ..Reply::default()
                 },
             }
@@ -526,9 +539,10 @@ pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
     }
     let reply: Reply = serde_json::from_str(line.trim())?;
     if !reply.ok {
-        return Err(CliError::Control(crate::control::ControlError::Refused(
-            reply.error.unwrap_or_else(|| "refused".into()),
-        )));
+        return Err(CliError::Refused {
+            message: reply.error.unwrap_or_else(|| "refused".into()),
+            bad_input: reply.bad_input,
+        });
     }
     Ok(reply)
 }

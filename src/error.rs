@@ -8,6 +8,8 @@ use vgpu_model::{CatalogError, LookupError};
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code for failures at run time.
 pub const EXIT_FAILURE: i32 = 1;
+/// Exit code of `diff` when the two type versions differ (as diff(1)).
+pub const EXIT_DIFFERENT: u8 = 1;
 
 /// What can end a `vgpu-emu` command.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,14 @@ pub enum CliError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// A type file is larger than any type table could be.
+    #[error("type file {} is larger than {} KiB; it cannot be a type table", path.display(), limit >> 10)]
+    TypesFileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The most bytes read.
+        limit: u64,
     },
     /// A type file (or the built-in table) is invalid.
     #[error("invalid vGPU type")]
@@ -57,6 +67,23 @@ pub enum CliError {
     /// A control request failed.
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// The daemon refused a request.
+    #[error("{message}")]
+    Refused {
+        /// The daemon's reason.
+        message: String,
+        /// The request named something wrong (a bad UUID, an unknown parent, type or instance),
+        /// as opposed to a run-time refusal (no capacity, a taken UUID, a start failure).
+        bad_input: bool,
+    },
+    /// `screenshot --head` names a head the instance does not have.
+    #[error("head {head} does not exist; the instance has {heads} head(s), numbered from 0")]
+    NoSuchHead {
+        /// The head asked for.
+        head: u32,
+        /// Heads of the instance.
+        heads: usize,
+    },
     /// Writing an output file failed.
     #[error("cannot write {}", path.display())]
     Output {
@@ -87,18 +114,34 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The process exit code for this error.
+    /// The process exit code for this error: the one mapping every subcommand uses. Bad input
+    /// (what the user named or wrote is wrong) is [`EXIT_USAGE`], as clap's own errors are; a
+    /// failure at run time is [`EXIT_FAILURE`]. Exhaustive, so a new variant must choose.
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::TypesFile { .. }
+            | CliError::TypesFileTooLarge { .. }
             | CliError::Catalog(_)
             | CliError::Lookup(_)
             | CliError::NoDefaultType
             | CliError::NotServable { .. }
             | CliError::BadUuid(_)
+            | CliError::NoSuchHead { .. }
+            | CliError::Refused {
+                bad_input: true, ..
+            }
             | CliError::Config(_)
             | CliError::Root(_) => EXIT_USAGE,
-            _ => EXIT_FAILURE,
+            CliError::Json(_)
+            | CliError::Socket(_)
+            | CliError::Instance(_)
+            | CliError::Control(_)
+            | CliError::Refused {
+                bad_input: false, ..
+            }
+            | CliError::Output { .. }
+            | CliError::Mount { .. }
+            | CliError::Runtime(_) => EXIT_FAILURE,
         }
     }
 

@@ -2,13 +2,13 @@
 
 use std::error::Error as _;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
-use vgpu_emu::error::CliError;
+use vgpu_emu::error::{CliError, EXIT_DIFFERENT};
 use vgpu_emu::serve::{self, ServeConfig};
 use vgpu_emu::socket::control_path;
 use vgpu_emu::{catalog_cmd, control};
@@ -20,7 +20,8 @@ use vgpu_emu::{catalog_cmd, control};
 #[derive(Debug, Parser)]
 #[command(name = "vgpu-emu", version, about, long_about)]
 struct Cli {
-    /// Load extra vGPU types from a TOML file (repeatable; see the README, "Adding a type").
+    /// Load extra vGPU types from a TOML file of at most 1 MiB (repeatable; `vgpu-emu types
+    /// --help` lists its fields).
     #[arg(long = "types-file", value_name = "FILE", global = true)]
     types_files: Vec<PathBuf>,
 
@@ -33,7 +34,8 @@ enum Command {
     /// Serve one vGPU instance over vfio-user until SIGINT or SIGTERM (the default command).
     Serve(ServeArgs),
     /// List every vGPU type version with its parent family, personality, available/max
-    /// instances and NVIDIA-style description.
+    /// instances and NVIDIA-style description. `--help` also prints the type-file reference.
+    #[command(after_long_help = vgpu_model::catalog::TYPE_FILE_REFERENCE)]
     Types {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -41,18 +43,43 @@ enum Command {
     },
     /// Print every guest-visible property of one type version and its ABI fingerprint.
     Describe {
-        /// NAME (newest non-deprecated version) or NAME@VERSION.
-        #[arg(value_name = "NAME[@VERSION]")]
+        /// NAME (newest non-deprecated version), NAME@VERSION, or an mdev type directory
+        /// (vgpu_emu-emu_64m-v1).
+        #[arg(value_name = "NAME[@VERSION]|TYPE-DIR")]
         name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Write the type's EDID (128 bytes, serial: the nil UUID) to FILE (`-`: stdout) for
+        /// edid-decode, instead of the description.
+        #[arg(long, value_name = "FILE")]
+        edid: Option<PathBuf>,
+        /// Write the config space a guest reads at power-on, in `lspci -x` form, to FILE (`-`:
+        /// stdout) for `lspci -F FILE -vv`, instead of the description.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Compare two type versions: every guest-visible difference (PCI identity, BARs,
+    /// capabilities, features, framebuffer, heads, resolutions, FRL, EDID modes, and the raw
+    /// config space, EDID and register bytes a guest reads at power-on). Exits 0 when the
+    /// versions are identical to a guest, 1 when they differ (like diff(1)).
+    Diff {
+        /// First type: NAME (newest non-deprecated version), NAME@VERSION or a type directory.
+        #[arg(value_name = "A[@VERSION]")]
+        a: String,
+        /// Second type.
+        #[arg(value_name = "B[@VERSION]")]
+        b: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show a running instance: type, client, display mode, counters.
     Status {
-        /// The instance's vfio-user socket.
+        /// The instance's vfio-user socket [default: the one `serve` uses by default,
+        /// $XDG_RUNTIME_DIR/vgpu-emu.sock, else /tmp/vgpu-emu-UID.sock].
         #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
+        socket: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -63,7 +90,8 @@ enum Command {
         /// Root directory [default: $XDG_RUNTIME_DIR/vgpu-emu, else /run/vgpu-emu].
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
-        /// A simulated physical GPU, NAME=FAMILY (repeatable) [default: one parent per type
+        /// A simulated physical GPU, NAME=FAMILY (repeatable; NAME: up to 64 of letters,
+        /// digits and `-_.:`, starting with a letter or digit) [default: one parent per type
         /// family: emu0=emu, m60-0=m60].
         #[arg(long = "parent", value_name = "NAME=FAMILY")]
         parents: Vec<vgpu_emu::manager::ParentSpec>,
@@ -105,13 +133,14 @@ enum Command {
     },
     /// Save a head's current image as PNG.
     Screenshot {
-        /// The instance's vfio-user socket.
+        /// The instance's vfio-user socket [default: the one `serve` uses by default,
+        /// $XDG_RUNTIME_DIR/vgpu-emu.sock, else /tmp/vgpu-emu-UID.sock].
         #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
+        socket: Option<PathBuf>,
         /// Head to capture.
         #[arg(long, default_value_t = 0)]
         head: u32,
-        /// Output PNG file.
+        /// Output PNG file (`-`: stdout).
         #[arg(short = 'o', long = "output", value_name = "FILE.png")]
         output: PathBuf,
     },
@@ -120,7 +149,8 @@ enum Command {
 /// `serve` options.
 #[derive(Debug, Default, Args)]
 struct ServeArgs {
-    /// vGPU type, NAME or NAME@VERSION [default: the catalog's default type, see `types`].
+    /// vGPU type, NAME, NAME@VERSION or a type directory (vgpu_emu-emu_64m-v1) [default: the
+    /// catalog's default type, see `types`].
     #[arg(long = "type", value_name = "NAME[@VERSION]")]
     type_spec: Option<String>,
     /// vfio-user socket to create [default: $XDG_RUNTIME_DIR/vgpu-emu.sock, else
@@ -150,6 +180,20 @@ impl TryFrom<ServeArgs> for ServeConfig {
 fn print(out: &str) {
     // A closed pipe (`| head`) is not an error worth a message.
     let _ = std::io::stdout().write_all(out.as_bytes());
+}
+
+/// Writes `bytes` to `path`, or to stdout when `path` is `-`.
+fn write_output(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    let result = if path == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes).and_then(|()| out.flush())
+    } else {
+        std::fs::write(path, bytes)
+    };
+    result.map_err(|source| CliError::Output {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn status_text(s: &vgpu_emu::instance::Status) -> String {
@@ -206,9 +250,17 @@ fn status_text(s: &vgpu_emu::instance::Status) -> String {
     rows.iter().map(|(k, v)| format!("{k:<10} {v}\n")).collect()
 }
 
-fn run(cli: Cli) -> Result<(), CliError> {
+/// Runs the command; `Ok` carries the exit code of a command that succeeded (`diff`: 1 when the
+/// versions differ).
+fn run(cli: Cli) -> Result<u8, CliError> {
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     match command {
+        Command::Diff { a, b, json } => {
+            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            let (out, identical) = catalog_cmd::diff(&catalog, &a, &b, json)?;
+            print(&out);
+            return Ok(if identical { 0 } else { EXIT_DIFFERENT });
+        }
         Command::Serve(args) => {
             let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
             serve::run(&catalog, &ServeConfig::try_from(args)?)
@@ -218,9 +270,34 @@ fn run(cli: Cli) -> Result<(), CliError> {
             print(&catalog_cmd::types(&catalog, json)?);
             Ok(())
         }
-        Command::Describe { name, json } => {
+        Command::Describe {
+            name,
+            json,
+            edid,
+            config,
+        } => {
             let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
-            print(&catalog_cmd::describe(&catalog, &name, json)?);
+            if edid.is_none() && config.is_none() {
+                print(&catalog_cmd::describe(&catalog, &name, json)?);
+                return Ok(0);
+            }
+            let stdout = Path::new("-");
+            if edid.as_deref() == Some(stdout) && config.as_deref() == Some(stdout) {
+                return Err(CliError::Config(
+                    "--edid and --config cannot both write to stdout".into(),
+                ));
+            }
+            let ty = catalog_cmd::resolve(&catalog, &name)?;
+            let config_text = match &config {
+                Some(_) => Some(catalog_cmd::config_dump(&catalog, ty)?),
+                None => None,
+            };
+            if let Some(path) = &edid {
+                write_output(path, &catalog_cmd::edid_bytes(ty))?;
+            }
+            if let (Some(path), Some(text)) = (&config, config_text) {
+                write_output(path, text.as_bytes())?;
+            }
             Ok(())
         }
         Command::Daemon {
@@ -283,6 +360,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             ty,
             uuid,
         } => {
+            if let Some(u) = &uuid {
+                Uuid::parse_str(u).map_err(|_| CliError::BadUuid(u.clone()))?;
+            }
             let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
             let reply = vgpu_emu::daemon::request(
                 &root,
@@ -292,11 +372,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Remove { root, uuid } => {
+            Uuid::parse_str(&uuid).map_err(|_| CliError::BadUuid(uuid.clone()))?;
             let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
             vgpu_emu::daemon::request(&root, &vgpu_emu::daemon::Request::Remove { uuid })?;
             Ok(())
         }
         Command::Status { socket, json } => {
+            let socket = socket.unwrap_or_else(serve::default_socket);
             // The socket may be named through a link (the mdev tree's vfio-user.sock).
             let socket = std::fs::canonicalize(&socket).unwrap_or(socket);
             let s = control::status(&control_path(&socket))?;
@@ -312,27 +394,32 @@ fn run(cli: Cli) -> Result<(), CliError> {
             head,
             output,
         } => {
+            let socket = socket.unwrap_or_else(serve::default_socket);
             let socket = std::fs::canonicalize(&socket).unwrap_or(socket);
-            let png = control::screenshot(&control_path(&socket), head)?;
-            std::fs::write(&output, &png).map_err(|source| CliError::Output {
-                path: output.clone(),
-                source,
-            })?;
-            eprintln!(
-                "vgpu-emu: wrote head {head} of {} to {}",
-                socket.display(),
-                output.display()
-            );
+            let ctl = control_path(&socket);
+            let heads = control::status(&ctl)?.heads.len();
+            if head as usize >= heads {
+                return Err(CliError::NoSuchHead { head, heads });
+            }
+            let png = control::screenshot(&ctl, head)?;
+            write_output(&output, &png)?;
+            let to = if output == Path::new("-") {
+                "stdout".to_string()
+            } else {
+                output.display().to_string()
+            };
+            eprintln!("vgpu-emu: wrote head {head} of {} to {to}", socket.display());
             Ok(())
         }
     }
+    .map(|()| 0)
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let mut msg = format!("vgpu-emu: error: {e}");
             let mut source = e.source();

@@ -7,7 +7,7 @@
 //! personality is not served by this build); otherwise it is what the remaining VRAM allows,
 //! capped by the type's `max_instances` less the instances already there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -41,19 +41,47 @@ impl std::str::FromStr for ParentSpec {
         let (name, family) = s
             .split_once('=')
             .ok_or_else(|| format!("`{s}` is not NAME=FAMILY (e.g. emu0=emu)"))?;
-        let ok = |v: &str| {
-            !v.is_empty()
-                && v.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-        };
-        if !ok(name) || !ok(family) {
-            return Err(format!("`{s}`: names take letters, digits and - _ . :"));
+        valid_parent_name(name).map_err(|why| format!("`{s}`: parent name {why}"))?;
+        if family.is_empty()
+            || !family
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "`{s}`: family `{family}` is not a family name (letters, digits, - _ .)"
+            ));
         }
         Ok(ParentSpec {
             name: name.to_string(),
             family: family.to_string(),
         })
     }
+}
+
+/// Longest parent name (a device name under `class/mdev_bus`).
+pub const MAX_PARENT_NAME: usize = 64;
+
+/// A parent name is one directory entry under `class/mdev_bus` and `devices`, and a directory of
+/// mdevctl's definitions: a single path component in a conservative character set (letters,
+/// digits, `-`, `_`, `.`, `:` as in PCI addresses like `0000:00:02.0`), starting with a letter
+/// or digit, so neither `.`, `..`, a hidden name nor something an option parser takes for an
+/// option.
+pub fn valid_parent_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_PARENT_NAME {
+        return Err(format!("must be 1 to {MAX_PARENT_NAME} characters"));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!("`{name}` must start with a letter or digit"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_.:".contains(*c)))
+    {
+        return Err(format!(
+            "`{name}` contains `{c}`; use letters, digits and - _ . :"
+        ));
+    }
+    Ok(())
 }
 
 /// Why a management operation failed; each maps to the errno the kernel's mdev core returns.
@@ -77,12 +105,14 @@ pub enum ManageError {
         ty: String,
     },
     /// No capacity left for the type.
-    #[error("no available instances of {ty} on {parent}")]
+    #[error("no available instances of {ty} on {parent}: {reason}")]
     NoCapacity {
         /// Parent.
         parent: String,
         /// Type key.
         ty: String,
+        /// Why.
+        reason: Unavailable,
     },
     /// No such instance.
     #[error("no instance {0}")]
@@ -152,6 +182,110 @@ impl ManageError {
             ManageError::Start(e) => e.errno(),
         }
     }
+
+    /// Whether the request named something wrong (a bad UUID or value, an unknown parent, type
+    /// or instance) rather than meeting a run-time condition (no capacity, a taken UUID, a
+    /// failed start). The CLI exits 2 for the first, 1 for the second.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            ManageError::BadUuid(_)
+            | ManageError::BadAttr { .. }
+            | ManageError::NoParent(_)
+            | ManageError::NoType { .. }
+            | ManageError::NoInstance(_) => true,
+            // Serving a type this build cannot serve is bad input, as for `vgpu-emu serve`.
+            ManageError::NoCapacity { reason, .. } => matches!(
+                reason,
+                Unavailable::NotServed { .. } | Unavailable::OtherFamily { .. }
+            ),
+            ManageError::Exists(_) | ManageError::Start(_) => false,
+        }
+    }
+}
+
+/// Why a parent has no available instance of a type: the reason behind `available_instances`
+/// reading 0, given in refusals, the daemon's log and the tree's `unavailable_reason` file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The type belongs to another family than the parent.
+    OtherFamily {
+        /// The type's family.
+        family: String,
+        /// The parent's family.
+        parent_family: String,
+    },
+    /// This build has no device model for the type's personality.
+    NotServed {
+        /// The personality.
+        personality: String,
+    },
+    /// The parent hosts instances of another framebuffer size (NVIDIA's placement rule).
+    OtherFramebufferSize {
+        /// Instances on the parent.
+        instances: usize,
+        /// Their framebuffer, bytes.
+        hosted: u64,
+        /// The type's framebuffer, bytes.
+        wanted: u64,
+    },
+    /// The type's `max_instances` per parent are all in use.
+    MaxInstances {
+        /// The type's limit.
+        max: u32,
+    },
+    /// Not enough free VRAM on the parent.
+    NoVram {
+        /// Free bytes.
+        free: u64,
+        /// The parent's VRAM, bytes.
+        total: u64,
+        /// The type's framebuffer, bytes.
+        wanted: u64,
+    },
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unavailable::OtherFamily {
+                family,
+                parent_family,
+            } => write!(
+                f,
+                "the type belongs to family `{family}`, the parent to `{parent_family}`"
+            ),
+            Unavailable::NotServed { personality } => write!(
+                f,
+                "personality `{personality}` is listed but not served by this build yet"
+            ),
+            Unavailable::OtherFramebufferSize {
+                instances,
+                hosted,
+                wanted,
+            } => write!(
+                f,
+                "the parent hosts {instances} instance(s) with a {}M framebuffer, and a parent \
+                 hosts one framebuffer size at a time ({}M wanted)",
+                hosted >> 20,
+                wanted >> 20
+            ),
+            Unavailable::MaxInstances { max } => write!(
+                f,
+                "the parent already hosts {max} instance(s) of this size, the type's max_instances"
+            ),
+            Unavailable::NoVram {
+                free,
+                total,
+                wanted,
+            } => write!(
+                f,
+                "{}M of the parent's {}M VRAM is free, {}M wanted",
+                free >> 20,
+                total >> 20,
+                wanted >> 20
+            ),
+        }
+    }
 }
 
 /// A running instance.
@@ -199,11 +333,24 @@ pub struct InstanceInfo {
     pub client_connected: bool,
 }
 
+/// The type directories of one parent: built once, because the tree looks a type up on every
+/// path it resolves (mdevctl reads four files of every type directory).
+#[derive(Debug, Default)]
+struct TypeIndex {
+    /// Type directory and index into `Catalog::types`, in catalog order.
+    dirs: Vec<(String, usize)>,
+    /// Type directory to index into `Catalog::types`.
+    by_dir: HashMap<String, usize>,
+}
+
 /// All parents and instances of a daemon.
 #[derive(Debug)]
 pub struct Manager {
     catalog: Catalog,
     parents: Vec<ParentSpec>,
+    /// Per parent name. The catalog and the parents are fixed for a manager's life, so the
+    /// index is built once, in [`Manager::new`].
+    type_index: HashMap<String, TypeIndex>,
     run_dir: PathBuf,
     instances: BTreeMap<Uuid, Managed>,
 }
@@ -236,9 +383,31 @@ impl Manager {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err("parent names must be unique".into());
         }
+        let mut type_index: HashMap<String, TypeIndex> = HashMap::new();
+        for p in &parents {
+            let mut index = TypeIndex::default();
+            for (i, t) in catalog.types().iter().enumerate() {
+                if t.family != p.family {
+                    continue;
+                }
+                let dir = type_dir(t);
+                if let Some(&other) = index.by_dir.get(&dir) {
+                    return Err(format!(
+                        "types {} and {} would share the mdev type directory {dir} (names may not \
+                         differ only in `-`, `_` and `.`); rename one",
+                        catalog.types()[other].key(),
+                        t.key()
+                    ));
+                }
+                index.by_dir.insert(dir.clone(), i);
+                index.dirs.push((dir, i));
+            }
+            type_index.insert(p.name.clone(), index);
+        }
         Ok(Manager {
             catalog,
             parents,
+            type_index,
             run_dir: run_dir.to_path_buf(),
             instances: BTreeMap::new(),
         })
@@ -256,25 +425,21 @@ impl Manager {
             .ok_or_else(|| ManageError::NoParent(name.to_string()))
     }
 
-    /// The type versions a parent offers, by type directory.
-    pub fn types_of(&self, parent: &str) -> Vec<(String, &VgpuType)> {
-        let Ok(p) = self.parent(parent) else {
-            return Vec::new();
-        };
-        self.catalog
-            .types()
-            .iter()
-            .filter(|t| t.family == p.family)
-            .map(|t| (type_dir(t), t))
-            .collect()
+    /// The type versions a parent offers, by type directory, in catalog order (none for an
+    /// unknown parent).
+    pub fn types_of(&self, parent: &str) -> impl Iterator<Item = (&str, &VgpuType)> + '_ {
+        let types = self.catalog.types();
+        self.type_index
+            .get(parent)
+            .into_iter()
+            .flat_map(|index| index.dirs.iter())
+            .map(move |(dir, i)| (dir.as_str(), &types[*i]))
     }
 
     /// A type of a parent by its directory name.
     pub fn type_by_dir(&self, parent: &str, dir: &str) -> Option<&VgpuType> {
-        self.types_of(parent)
-            .into_iter()
-            .find(|(d, _)| d == dir)
-            .map(|(_, t)| t)
+        let i = *self.type_index.get(parent)?.by_dir.get(dir)?;
+        self.catalog.types().get(i)
     }
 
     /// The type directory `spec` names on `parent`: a type directory itself, or NAME[@VERSION]
@@ -290,28 +455,58 @@ impl Manager {
 
     /// Live `available_instances` of `ty` on `parent`.
     pub fn available(&self, parent: &str, ty: &VgpuType) -> u32 {
+        self.availability(parent, ty).unwrap_or(0)
+    }
+
+    /// Live `available_instances` of `ty` on `parent` when it is not 0, else why it is 0.
+    /// An unknown parent has nothing available: `Ok(0)`.
+    pub fn availability(&self, parent: &str, ty: &VgpuType) -> Result<u32, Unavailable> {
         let Ok(p) = self.parent(parent) else {
-            return 0;
+            return Ok(0);
         };
         let Some(family) = self.catalog.family(&p.family) else {
-            return 0;
+            return Ok(0);
         };
-        if ty.family != p.family || !ty.personality.is_implemented() {
-            return 0;
+        if ty.family != p.family {
+            return Err(Unavailable::OtherFamily {
+                family: ty.family.clone(),
+                parent_family: p.family.clone(),
+            });
+        }
+        if !ty.personality.is_implemented() {
+            return Err(Unavailable::NotServed {
+                personality: ty.personality.to_string(),
+            });
         }
         let here: Vec<&Managed> = self
             .instances
             .values()
             .filter(|m| m.parent == parent)
             .collect();
-        if here.iter().any(|m| m.ty.framebuffer != ty.framebuffer) {
-            return 0;
+        if let Some(other) = here.iter().find(|m| m.ty.framebuffer != ty.framebuffer) {
+            return Err(Unavailable::OtherFramebufferSize {
+                instances: here.len(),
+                hosted: other.ty.framebuffer,
+                wanted: ty.framebuffer,
+            });
         }
         let used: u64 = here.iter().map(|m| m.ty.framebuffer).sum();
-        let by_vram = (family.vram.saturating_sub(used) / ty.framebuffer.max(1))
-            .min(u64::from(u32::MAX)) as u32;
+        let free = family.vram.saturating_sub(used);
+        let by_vram = (free / ty.framebuffer.max(1)).min(u64::from(u32::MAX)) as u32;
         let by_count = ty.max_instances.saturating_sub(here.len() as u32);
-        by_vram.min(by_count)
+        if by_count == 0 {
+            return Err(Unavailable::MaxInstances {
+                max: ty.max_instances,
+            });
+        }
+        if by_vram == 0 {
+            return Err(Unavailable::NoVram {
+                free,
+                total: family.vram,
+                wanted: ty.framebuffer,
+            });
+        }
+        Ok(by_vram.min(by_count))
     }
 
     /// The socket of an instance.
@@ -339,11 +534,16 @@ impl Manager {
         if self.instances.contains_key(&uuid) {
             return Err(ManageError::Exists(uuid));
         }
-        if self.available(parent, &ty) == 0 {
-            return Err(ManageError::NoCapacity {
-                parent: parent.to_string(),
-                ty: ty.key(),
-            });
+        match self.availability(parent, &ty) {
+            Ok(0) => return Err(ManageError::NoParent(parent.to_string())),
+            Ok(_) => {}
+            Err(reason) => {
+                return Err(ManageError::NoCapacity {
+                    parent: parent.to_string(),
+                    ty: ty.key(),
+                    reason,
+                })
+            }
         }
         let socket = self.socket_path(&uuid);
         let listener = socket::bind(&socket).map_err(StartError::from)?;
@@ -382,6 +582,9 @@ impl Manager {
             ty.key(),
             socket.display()
         );
+        if let Some(warning) = crate::catalog_cmd::deprecation_warning(&self.catalog, &ty) {
+            warn!("{uuid}: {warning}");
+        }
         self.instances.insert(
             uuid,
             Managed {
@@ -553,6 +756,47 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(e.errno(), libc::ENOSPC);
+        assert_eq!(
+            e.to_string(),
+            "no available instances of EMU-1G@1 on emu0: the parent already hosts 4 instance(s) \
+             of this size, the type's max_instances"
+        );
+        let e = m
+            .create(
+                "emu0",
+                "vgpu_emu-emu_64m-v1",
+                "61111111-1111-1111-1111-111111111111",
+            )
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        assert!(!e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            "no available instances of EMU-64M@1 on emu0: the parent hosts 4 instance(s) with a \
+             1024M framebuffer, and a parent hosts one framebuffer size at a time (64M wanted)"
+        );
+        let e = m
+            .create(
+                "m60-0",
+                "vgpu_emu-m60_2q-v1",
+                "71111111-1111-1111-1111-111111111111",
+            )
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC, "available_instances reads 0");
+        assert!(e.is_bad_input(), "as `serve` of the type is");
+        assert_eq!(
+            e.to_string(),
+            "no available instances of M60-2Q@1 on m60-0: personality `virtio-gpu` is listed but \
+             not served by this build yet"
+        );
+        let c = Catalog::builtin().unwrap();
+        assert_eq!(
+            m.availability("emu0", c.resolve("M60-2Q").unwrap()),
+            Err(Unavailable::OtherFamily {
+                family: "m60".into(),
+                parent_family: "emu".into()
+            })
+        );
         let e = m
             .create("emu0", "vgpu_emu-emu_1g-v1", &a.to_string())
             .unwrap_err();
@@ -606,7 +850,83 @@ mod tests {
             Some("vgpu_emu-emu_1g-v1")
         );
         assert_eq!(m.resolve_type_dir("emu0", "M60-2Q"), None, "another family");
+        m.remove_all();
+    }
+
+    #[test]
+    fn the_type_index_serves_every_type_and_refuses_shared_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path());
+        let c = Catalog::builtin().unwrap();
+        for p in ["emu0", "m60-0"] {
+            let listed: Vec<(&str, &VgpuType)> = m.types_of(p).collect();
+            let family = if p == "emu0" { "emu" } else { "m60" };
+            let expected: Vec<&VgpuType> =
+                c.types().iter().filter(|t| t.family == family).collect();
+            assert_eq!(listed.len(), expected.len());
+            for ((d, t), e) in listed.iter().zip(&expected) {
+                assert_eq!((*d, t.key()), (type_dir(e).as_str(), e.key()));
+                assert_eq!(m.type_by_dir(p, d).map(VgpuType::key), Some(e.key()));
+            }
+        }
+        assert_eq!(m.types_of("nope").count(), 0);
+        assert!(m.type_by_dir("nope", "vgpu_emu-emu_64m-v1").is_none());
+        assert!(m.type_by_dir("m60-0", "vgpu_emu-emu_64m-v1").is_none());
+
+        let mut c = Catalog::builtin().unwrap();
+        let record = |name: &str| {
+            format!(
+                "[[type]]\nname = \"{name}\"\nversion = 1\nfamily = \"emu\"\npersonality = \"bochs\"\n\
+                 pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
+                 framebuffer = \"32M\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
+                 default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n"
+            )
+        };
+        c.add_toml("lab.toml", &(record("LAB-X") + &record("LAB_X")))
+            .unwrap();
+        let e = Manager::new(c, vec!["emu0=emu".parse().unwrap()], dir.path()).unwrap_err();
+        assert!(
+            e.contains("LAB-X@1 and LAB_X@1 would share the mdev type directory vgpu_emu-lab_x-v1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bare_name_creates_the_newest_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut catalog = Catalog::builtin().unwrap();
+        let lab = |version: u32, fb: &str| {
+            format!(
+                "[[type]]\nname = \"LAB-32M\"\nversion = {version}\nfamily = \"emu\"\npersonality = \"bochs\"\n\
+                 pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
+                 framebuffer = \"{fb}\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
+                 default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n"
+            )
+        };
+        // @2 has the smaller framebuffer: it sorts first in the table.
+        catalog
+            .add_toml("lab.toml", &(lab(2, "32M") + &lab(1, "64M")))
+            .unwrap();
+        let mut m = Manager::new(catalog, vec!["emu0=emu".parse().unwrap()], dir.path()).unwrap();
+        let dir_name = m.resolve_type_dir("emu0", "LAB-32M").unwrap();
+        assert_eq!(dir_name, "vgpu_emu-lab_32m-v2");
+        m.create("emu0", &dir_name, "44444444-4444-4444-4444-444444444444")
+            .unwrap();
+        assert_eq!(m.list()[0].type_key, "LAB-32M@2");
         assert!("bad".parse::<ParentSpec>().is_err());
+        for good in ["emu0", "m60-0", "0000:00:02.0", "gpu_1.a"] {
+            let spec: ParentSpec = format!("{good}=emu").parse().unwrap();
+            assert_eq!(spec.name, good);
+        }
+        let long = "a".repeat(MAX_PARENT_NAME + 1);
+        for bad in [
+            ".", "..", "", ".hidden", "-p", "a/b", "/", "a b", "é", "a\n", &long,
+        ] {
+            let e = format!("{bad}=emu").parse::<ParentSpec>().unwrap_err();
+            assert!(e.contains("parent name"), "{bad:?}: {e}");
+        }
+        assert!("emu0=".parse::<ParentSpec>().is_err());
+        assert!("emu0=../x".parse::<ParentSpec>().is_err());
         assert!(Manager::new(
             Catalog::builtin().unwrap(),
             vec!["x=nope".parse().unwrap()],

@@ -6,6 +6,7 @@
 //! bus/mdev/devices/<uuid>                      -> ../../../devices/<parent>/<uuid>
 //! devices/<parent>/mdev_supported_types/<type>/
 //!     name  description  device_api  available_instances   (read)
+//!     unavailable_reason       (read; why available_instances is 0, empty otherwise)
 //!     create                                               (write a UUID)
 //!     devices/<uuid>                           -> ../../../<uuid>
 //! devices/<parent>/<uuid>/
@@ -19,9 +20,11 @@
 //! (`default_permissions`): every user may read the tree, only the daemon's user and root may
 //! create, remove or change an instance.
 //!
-//! Every node is computed from the manager's live state on each request, attributes and entries
-//! are never cached (TTL 0) and files are opened for direct I/O, so a read always reflects the
-//! current state. A write to `create` returns only once the instance listens, or fails with the
+//! Every node is computed from the manager's live state on each request and files are opened
+//! for direct I/O, so a read always reflects the current state. The kernel may cache the entries
+//! and attributes of nodes that exist for the daemon's whole life (parents, type directories and
+//! their files: their contents are still read live); those of instances are never cached
+//! (TTL 0). A write to `create` returns only once the instance listens, or fails with the
 //! kernel's errno: EINVAL bad UUID, EEXIST taken, ENOSPC no capacity (as the kernel's
 //! VRAM-accounting mbochs parent answers).
 
@@ -98,8 +101,15 @@ fn names<'a>(names: impl IntoIterator<Item = &'a str>, kind: FileType) -> Vec<(S
     names.into_iter().map(|n| (n.to_string(), kind)).collect()
 }
 
-/// Resolves `path` (relative to the mount, `/`-separated, "" for the root) against the state.
+/// Resolves `path` (relative to the mount, `/`-separated, "" for the root) against the state,
+/// with every directory's entries.
 fn resolve(m: &Manager, path: &str) -> Option<Node> {
+    resolve_node(m, path, true)
+}
+
+/// As [`resolve`]; with `list` false, a type list (`mdev_supported_types`) comes back without
+/// its entries: the kernel walks it on every path lookup beneath it, and only readdir needs them.
+fn resolve_node(m: &Manager, path: &str, list: bool) -> Option<Node> {
     let parts: Vec<&str> = if path.is_empty() {
         Vec::new()
     } else {
@@ -132,7 +142,12 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
             dir(entries)
         }
         ["devices", p, "mdev_supported_types"] if is_parent(p) => {
-            dir(m.types_of(p).into_iter().map(|(d, _)| (d, Directory)))
+            if list {
+                dir(m.types_of(p).map(|(d, _)| (d.to_string(), Directory)))
+            } else {
+                // Thousands of entries: listed only for readdir, not on every path walk.
+                Node::Dir(Vec::new())
+            }
         }
         ["devices", p, "mdev_supported_types", t, rest @ ..] => {
             let ty = m.type_by_dir(p, t)?;
@@ -144,6 +159,7 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
                             "description",
                             "device_api",
                             "available_instances",
+                            "unavailable_reason",
                             "create",
                         ],
                         RegularFile,
@@ -151,7 +167,14 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
                     e.push(("devices".into(), Directory));
                     dir(e)
                 }
-                ["name"] => Node::File(Some(format!("{}\n", ty.key())), false),
+                ["name"] => Node::File(
+                    Some(if ty.deprecated {
+                        format!("{} (deprecated)\n", ty.key())
+                    } else {
+                        format!("{}\n", ty.key())
+                    }),
+                    false,
+                ),
                 ["description"] => {
                     Node::File(Some(format!("{}\n", ty.nvidia_description())), false)
                 }
@@ -159,6 +182,13 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
                 ["available_instances"] => {
                     Node::File(Some(format!("{}\n", m.available(p, ty))), false)
                 }
+                ["unavailable_reason"] => Node::File(
+                    Some(match m.availability(p, ty) {
+                        Ok(_) => String::new(),
+                        Err(reason) => format!("{reason}\n"),
+                    }),
+                    false,
+                ),
                 ["create"] => Node::File(None, true),
                 ["devices"] => dir(m
                     .uuids(Some(p))
@@ -197,6 +227,22 @@ fn resolve(m: &Manager, path: &str) -> Option<Node> {
 }
 
 const TTL: Duration = Duration::ZERO;
+
+/// How long the kernel may keep an entry and its attributes of a node that exists for the
+/// daemon's whole life: parents, type directories and their files never change (their
+/// *contents* are still read live, with direct I/O). Without it every path walk of `mdevctl
+/// types` asks again for each component, about a hundred requests per type.
+const STATIC_TTL: Duration = Duration::from_secs(3600);
+
+/// The TTL of `path`'s entry and attributes: nodes of instances (a UUID in the path) come and go
+/// and are never cached; all the others are fixed when the daemon starts.
+fn ttl(path: &str) -> Duration {
+    if path.split('/').any(|c| Uuid::parse_str(c).is_ok()) {
+        TTL
+    } else {
+        STATIC_TTL
+    }
+}
 
 fn errno(e: &ManageError) -> Errno {
     Errno::from_i32(e.errno())
@@ -259,7 +305,7 @@ impl MdevFs {
     /// The path and current node of an inode.
     fn lookup_ino(&self, ino: INodeNo) -> Option<(String, Node)> {
         let path = self.inodes().path(ino.0)?;
-        let node = resolve(&lock(&self.manager), &path)?;
+        let node = resolve_node(&lock(&self.manager), &path, false)?;
         Some((path, node))
     }
 
@@ -311,11 +357,11 @@ impl Filesystem for MdevFs {
         } else {
             format!("{parent_path}/{name}")
         };
-        let node = resolve(&lock(&self.manager), &path);
+        let node = resolve_node(&lock(&self.manager), &path, false);
         match node {
             Some(node) => {
                 let ino = self.inodes().intern(&path);
-                reply.entry(&TTL, &self.attr(ino, &node), Generation(0));
+                reply.entry(&ttl(&path), &self.attr(ino, &node), Generation(0));
             }
             None => reply.error(Errno::ENOENT),
         }
@@ -323,7 +369,7 @@ impl Filesystem for MdevFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.lookup_ino(ino) {
-            Some((_, node)) => reply.attr(&TTL, &self.attr(ino.0, &node)),
+            Some((path, node)) => reply.attr(&ttl(&path), &self.attr(ino.0, &node)),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -451,25 +497,29 @@ impl Filesystem for MdevFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some((path, Node::Dir(children))) = self.lookup_ino(ino) else {
+        let Some(path) = self.inodes().path(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(Node::Dir(children)) = resolve(&lock(&self.manager), &path) else {
             return reply.error(Errno::ENOTDIR);
         };
-        let mut entries = vec![
-            (ino.0, FileType::Directory, ".".to_string()),
-            (ino.0, FileType::Directory, "..".to_string()),
-        ];
+        let dots = [".", ".."].map(|d| (d.to_string(), FileType::Directory));
+        let mut inodes = self.inodes();
+        // Only the entries this reply carries get an inode: a large directory is read in many
+        // replies, each starting at `offset`.
+        for (i, (name, kind)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(offset as usize)
         {
-            let mut inodes = self.inodes();
-            for (name, kind) in children {
-                let child = if path.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{path}/{name}")
-                };
-                entries.push((inodes.intern(&child), kind, name));
-            }
-        }
-        for (i, (child_ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let child_ino = if i < 2 {
+                ino.0
+            } else if path.is_empty() {
+                inodes.intern(&name)
+            } else {
+                inodes.intern(&format!("{path}/{name}"))
+            };
             if reply.add(INodeNo(child_ino), (i + 1) as u64, kind, &name) {
                 break;
             }
@@ -543,5 +593,40 @@ mod tests {
             resolve(&m, "devices/emu0/mdev_supported_types/vgpu_emu-nope-v1"),
             None
         );
+    }
+
+    /// A path walk through the types directory does not list it (thousands of entries); only
+    /// readdir does. Nodes that never change may be cached by the kernel; instance nodes not.
+    #[test]
+    fn path_walks_skip_the_type_list_and_only_instance_nodes_are_uncached() {
+        let dir = tempfile::tempdir().unwrap();
+        let parents: Vec<ParentSpec> = vec!["emu0=emu".parse().unwrap()];
+        let m = Manager::new(Catalog::builtin().unwrap(), parents, dir.path()).unwrap();
+        let types = "devices/emu0/mdev_supported_types";
+        assert_eq!(resolve_node(&m, types, false), Some(Node::Dir(Vec::new())));
+        let Some(Node::Dir(listed)) = resolve(&m, types) else {
+            panic!("not a directory")
+        };
+        assert_eq!(listed.len(), m.types_of("emu0").count());
+        assert!(listed.iter().any(|(n, _)| n == "vgpu_emu-emu_64m-v1"));
+        assert_eq!(
+            resolve_node(&m, &format!("{types}/vgpu_emu-emu_64m-v1/name"), false),
+            Some(Node::File(Some("EMU-64M@1\n".into()), false))
+        );
+        for fixed in [
+            "",
+            "class/mdev_bus/emu0",
+            &format!("{types}/vgpu_emu-emu_64m-v1/name"),
+        ] {
+            assert_eq!(ttl(fixed), STATIC_TTL, "{fixed}");
+        }
+        let u = "33333333-3333-3333-3333-333333333333";
+        for live in [
+            format!("bus/mdev/devices/{u}"),
+            format!("devices/emu0/{u}/remove"),
+            format!("{types}/vgpu_emu-emu_64m-v1/devices/{u}"),
+        ] {
+            assert_eq!(ttl(&live), TTL, "{live}");
+        }
     }
 }

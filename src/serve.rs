@@ -58,23 +58,32 @@ pub fn resolve_servable<'a>(
     spec: Option<&str>,
 ) -> Result<&'a VgpuType, CliError> {
     let ty = match spec {
-        Some(s) => catalog.resolve(s)?,
+        Some(s) => crate::catalog_cmd::resolve(catalog, s)?,
         None => catalog.default_type().ok_or(CliError::NoDefaultType)?,
     };
     if !ty.personality.is_implemented() {
-        let servable: Vec<String> = catalog
-            .types()
-            .iter()
-            .filter(|t| t.personality.is_implemented() && !t.deprecated)
-            .map(|t| t.key())
-            .collect();
-        return Err(CliError::NotServable {
-            ty: ty.key(),
-            personality: ty.personality.to_string(),
-            servable: servable.join(", "),
-        });
+        return Err(not_servable(catalog, ty));
+    }
+    if let Some(warning) = crate::catalog_cmd::deprecation_warning(catalog, ty) {
+        log::warn!("{warning}");
     }
     Ok(ty)
+}
+
+/// The error for a type whose personality this build cannot serve (or render), naming those it
+/// can.
+pub fn not_servable(catalog: &Catalog, ty: &VgpuType) -> CliError {
+    let servable: Vec<String> = catalog
+        .types()
+        .iter()
+        .filter(|t| t.personality.is_implemented() && !t.deprecated)
+        .map(|t| t.key())
+        .collect();
+    CliError::NotServable {
+        ty: ty.key(),
+        personality: ty.personality.to_string(),
+        servable: servable.join(", "),
+    }
 }
 
 /// Runs `serve` until a signal arrives.

@@ -828,3 +828,194 @@ fn a_failed_start_reports_its_cause_and_a_kernel_errno() {
     // And once the directory is writable again, the same create works.
     d.create("emu0", M64, U1).unwrap();
 }
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn a_bare_name_creates_the_newest_version() {
+    let dir = tempfile::tempdir().unwrap();
+    // @2 has the smaller framebuffer, so it sorts before @1 in the table.
+    let lab = |version: u32, fb: &str| {
+        format!(
+            "[[type]]\nname = \"LAB-32M\"\nversion = {version}\nfamily = \"emu\"\npersonality = \"bochs\"\n\
+             pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
+             framebuffer = \"{fb}\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
+             default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n"
+        )
+    };
+    let types = dir.path().join("lab.toml");
+    std::fs::write(&types, lab(1, "64M") + &lab(2, "32M")).unwrap();
+    let d = Daemon::start(dir, &["--types-file", types.to_str().unwrap()]);
+    let root = d.root.to_str().unwrap();
+    vgpu_emu_ok(&[
+        "create", "--root", root, "--parent", "emu0", "--type", "LAB-32M", "--uuid", U1,
+    ]);
+    assert_eq!(d.status(U1)["type"], "LAB-32M@2");
+    let list = d.mdevctl_ok(&["list"]);
+    assert!(
+        list.contains(&format!("{U1} emu0 vgpu_emu-lab_32m-v2")),
+        "{list}"
+    );
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn create_and_remove_refusals_exit_2_for_bad_input_and_1_at_run_time() {
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &[]);
+    let root = d.root.to_str().unwrap();
+    let code = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let create = |parent: &str, ty: &str, uuid: &str| {
+        code(&[
+            "create", "--root", root, "--parent", parent, "--type", ty, "--uuid", uuid,
+        ])
+    };
+    let (c, e) = create("emu0", "NOPE", U1);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(e.contains("offers no type `NOPE`"), "{e}");
+    let (c, e) = create("nope0", "EMU-64M", U1);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(e.contains("no parent `nope0`"), "{e}");
+    let (c, e) = create("emu0", "bad", "not-a-uuid");
+    assert_eq!(c, Some(2), "{e}");
+    let (c, e) = code(&["remove", "--root", root, U2]);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(e.contains(&format!("no instance {U2}")), "{e}");
+    // Run-time refusals: the UUID is taken, no capacity left.
+    let (c, e) = create("emu0", "EMU-1G", U1);
+    assert_eq!(c, Some(0), "{e}");
+    let (c, e) = create("emu0", "EMU-1G", U1);
+    assert_eq!(c, Some(1), "{e}");
+    assert!(e.contains("already exists"), "{e}");
+    let (c, e) = create("emu0", "EMU-64M", U2);
+    assert_eq!(c, Some(1), "{e}");
+    assert!(d.mdevctl_ok(&["list"]).contains(U1));
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn refusals_give_their_reason_in_the_cli_and_the_tree() {
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &[]);
+    let root = d.root.to_str().unwrap();
+    let reason = |parent: &str, ty: &str| {
+        std::fs::read_to_string(d.sys(&format!(
+            "class/mdev_bus/{parent}/mdev_supported_types/{ty}/unavailable_reason"
+        )))
+        .unwrap()
+    };
+    let m60 = "vgpu_emu-m60_2q-v1";
+    assert_eq!(
+        reason("m60-0", m60),
+        "personality `virtio-gpu` is listed but not served by this build yet\n"
+    );
+    assert_eq!(reason("emu0", M64), "", "instances are available");
+    let create = |parent: &str, ty: &str, uuid: &str| {
+        let out = Command::new(BIN)
+            .args([
+                "create", "--root", root, "--parent", parent, "--type", ty, "--uuid", uuid,
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (c, e) = create("m60-0", "M60-2Q", U1);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(
+        e.contains("no available instances of M60-2Q@1 on m60-0: personality `virtio-gpu` is listed but not served"),
+        "{e}"
+    );
+    d.create("emu0", GIB, U1).unwrap();
+    let size_rule = "the parent hosts 1 instance(s) with a 1024M framebuffer, and a parent hosts one framebuffer size at a time (64M wanted)";
+    assert_eq!(reason("emu0", M64), format!("{size_rule}\n"));
+    let (c, e) = create("emu0", "EMU-64M", U2);
+    assert_eq!(c, Some(1), "{e}");
+    assert!(e.contains(size_rule), "{e}");
+    // mdevctl still reads the type directories (the extra file is not in its way).
+    let json: serde_json::Value =
+        serde_json::from_str(&d.mdevctl_ok(&["types", "--dumpjson"])).unwrap();
+    let emu0 = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|p| p.get("emu0"))
+        .unwrap();
+    let m64 = emu0
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|t| t.get(M64))
+        .unwrap();
+    assert_eq!(m64["available_instances"], 0);
+    assert_eq!(
+        m64["description"],
+        Catalog::builtin()
+            .unwrap()
+            .resolve("EMU-64M@1")
+            .unwrap()
+            .nvidia_description()
+    );
+}
+
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn a_deprecated_version_says_so_in_the_tree_and_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = |version: u32, extra: &str| {
+        format!(
+            "[[type]]\nname = \"LAB-32M\"\nversion = {version}\nfamily = \"emu\"\npersonality = \"bochs\"\n\
+             pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
+             framebuffer = \"32M\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
+             default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n{extra}\n"
+        )
+    };
+    let types = dir.path().join("lab.toml");
+    std::fs::write(&types, lab(1, "deprecated = true") + &lab(2, "")).unwrap();
+    let root = dir.path().join("root");
+    let mut child = Command::new(BIN)
+        .arg("--types-file")
+        .arg(&types)
+        .arg("daemon")
+        .arg("--root")
+        .arg(&root)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("vgpu-emu daemon:"), "{line}");
+    let name = |v: u32| {
+        std::fs::read_to_string(root.join(format!(
+            "sys/class/mdev_bus/emu0/mdev_supported_types/vgpu_emu-lab_32m-v{v}/name"
+        )))
+        .unwrap()
+    };
+    assert_eq!(name(1), "LAB-32M@1 (deprecated)\n");
+    assert_eq!(name(2), "LAB-32M@2\n");
+    std::fs::write(
+        root.join("sys/class/mdev_bus/emu0/mdev_supported_types/vgpu_emu-lab_32m-v1/create"),
+        U1,
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{U1}: type LAB-32M@1 is deprecated; a bare LAB-32M resolves to LAB-32M@2"
+        )),
+        "{err}"
+    );
+}

@@ -5,6 +5,7 @@
 //! (`types/builtin.toml`) is compiled in; users add their own files with [`Catalog::add_toml`].
 //! Every validation error names the file, the line and the field.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -29,6 +30,64 @@ pub const BOCHS_MAX_VRAM: u64 = 2 << 30;
 pub const MAX_FRL: u32 = 240;
 /// Longest type name (it must fit the vendor capability and an mdev type directory name).
 pub const MAX_NAME_LEN: usize = 32;
+
+/// The reference of the type-file format, as `vgpu-emu types --help` prints it. A test keeps its
+/// field lists equal to the fields the parser accepts.
+pub const TYPE_FILE_REFERENCE: &str = r#"Type files (--types-file FILE, TOML, at most 1 MiB; a bad one is refused with its file, line
+and field) hold any of:
+
+default_type = "NAME[@VERSION]"   the type `serve` uses without --type (optional)
+
+[[family]]: a parent family, a simulated physical GPU whose VRAM its instances share
+  name                letters, digits, '.', '_', '-' (at most 32); not defined already
+  description         one line for humans
+  vram                VRAM of one parent: bytes, or a number with K, M, G or T (binary)
+
+[[type]]: one version of a vGPU type; every field is required unless marked optional
+  name                letters, digits, '.', '_', '-' (at most 32); a name that differs from
+                      another only in case is refused, and the daemon refuses two that differ
+                      only in '.', '_' and '-' (they would share an mdev type directory)
+  version             1 or more; NAME@VERSION must be new (a released version never changes)
+  id                  optional management id, like NVIDIA's nvidia-<id>; not guest-visible
+  family              a built-in family (emu: 4G, m60: 8G) or one defined with [[family]]
+  personality         "bochs" (one head; served) or "virtio-gpu" (multi-head; listed, not
+                      served by this build yet)
+  pci                 inline table, every field required:
+    vendor            vendor ID; not 0x0000 or 0xffff (a guest sees an empty slot)
+    device            device ID (stock drivers bind bochs to 0x1111, virtio-gpu to 0x1050)
+    subsystem_vendor  subsystem vendor ID
+    subsystem_device  subsystem ID; virtio-gpu needs at least 0x40
+    class             24-bit class code (display controller: 0x038000)
+    revision          revision ID
+  framebuffer         VRAM per instance: a power of two, bytes or a number with K, M, G or T;
+                      bochs 4M to 2G with room for two frames at max_resolution and 32 bpp
+                      (bochs-drm double-buffers), virtio-gpu one frame per head
+  num_heads           display heads: bochs 1, virtio-gpu 1 to 16
+  max_resolution      "WIDTHxHEIGHT", 64 to 4095 pixels each: no EDID mode and no scanout above
+                      it; its pixel clock at the FRL refresh must fit EDID's 655.35 MHz
+  default_resolution  "WIDTHxHEIGHT" within max_resolution: the EDID's preferred mode
+  frl                 frame-rate limit in frames per second, 0 (off; the EDID then says 60 Hz)
+                      to 240
+  max_instances       instances one parent can host, at least 1; times framebuffer within the
+                      family's VRAM
+  deprecated          optional, default false: a bare name resolves past this version, which
+                      stays addressable as NAME@VERSION
+
+Example:
+
+[[type]]
+name = "LAB-32M"
+version = 1
+family = "emu"
+personality = "bochs"
+pci = { vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }
+framebuffer = "32M"
+num_heads = 1
+max_resolution = "2560x1440"
+default_resolution = "1920x1080"
+frl = 30
+max_instances = 8
+"#;
 
 /// Which register set and driver the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -339,6 +398,14 @@ pub enum LookupError {
         /// Close names, best first.
         suggestions: Vec<String>,
     },
+    /// `NAME@` with nothing after the `@`.
+    #[error("`{name}@` names no version; write {name}@VERSION (it has {available}) or {name} for the newest")]
+    EmptyVersion {
+        /// Type name.
+        name: String,
+        /// The versions that exist, e.g. `1, 2`.
+        available: String,
+    },
     /// The type exists but not in that version.
     #[error("type `{name}` has no version {version} (it has {available})")]
     UnknownVersion {
@@ -534,8 +601,21 @@ impl Catalog {
         for fam in &raw.family {
             next.add_family(&src, fam)?;
         }
+        // Versions by lower-case name, so checking a record against the table stays O(1) and
+        // loading tens of thousands of types stays linear.
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, t) in next.types.iter().enumerate() {
+            by_name
+                .entry(t.name.to_ascii_lowercase())
+                .or_default()
+                .push(i);
+        }
         for ty in &raw.types {
-            let ty = next.validate_type(&src, ty)?;
+            let ty = next.validate_type(&src, ty, &by_name)?;
+            by_name
+                .entry(ty.name.to_ascii_lowercase())
+                .or_default()
+                .push(next.types.len());
             next.types.push(ty);
         }
         if let Some(default) = &raw.default_type {
@@ -579,10 +659,12 @@ impl Catalog {
         Ok(())
     }
 
+    /// Validates one record; `by_name` indexes `self.types` by lower-case name.
     fn validate_type(
         &self,
         src: &Source<'_>,
         ty: &Spanned<RawType>,
+        by_name: &HashMap<String, Vec<usize>>,
     ) -> Result<VgpuType, CatalogError> {
         let raw = ty.get_ref();
         let err = |span: Range<usize>, field: &str, msg: String| src.error(span, field, msg);
@@ -597,11 +679,13 @@ impl Catalog {
                 "versions start at 1".into(),
             ));
         }
-        if let Some(other) = self
-            .types
-            .iter()
-            .find(|t| t.name.eq_ignore_ascii_case(&name) && t.version == version)
-        {
+        let same_name: Vec<&VgpuType> = by_name
+            .get(&name.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.types[i])
+            .collect();
+        if let Some(other) = same_name.iter().find(|t| t.version == version) {
             return Err(err(
                 raw.name.span(),
                 "name",
@@ -611,11 +695,7 @@ impl Catalog {
                 ),
             ));
         }
-        if let Some(other) = self
-            .types
-            .iter()
-            .find(|t| t.name != name && t.name.eq_ignore_ascii_case(&name))
-        {
+        if let Some(other) = same_name.iter().find(|t| t.name != name) {
             return Err(err(
                 raw.name.span(),
                 "name",
@@ -641,6 +721,18 @@ impl Catalog {
             .map_err(|m| err(raw.personality.span(), "personality", m))?;
 
         let pci = *raw.pci.get_ref();
+        // PCI Local Bus 3.0, 6.2.1: a read of Vendor ID 0xFFFF means "no device here", so no
+        // guest enumerates such a function; 0x0000 is no vendor either.
+        if matches!(pci.vendor, 0x0000 | 0xffff) {
+            return Err(err(
+                raw.pci.span(),
+                "vendor",
+                format!(
+                    "{:#06x} is not a vendor ID: a guest reads it as an empty slot",
+                    pci.vendor
+                ),
+            ));
+        }
         if pci.class > 0xff_ffff {
             return Err(err(
                 raw.pci.span(),
@@ -830,20 +922,34 @@ impl Catalog {
             .iter()
             .filter(|t| t.name.eq_ignore_ascii_case(name))
             .collect();
-        if versions.is_empty() {
+        // The newest non-deprecated version, else the newest: by version number alone, because
+        // `types` is sorted by family and framebuffer first and its order says nothing about
+        // which version is newer.
+        let Some(bare) = versions
+            .iter()
+            .copied()
+            .max_by_key(|t| (!t.deprecated, t.version))
+        else {
             return Err(LookupError::UnknownName {
                 name: spec.to_string(),
                 suggestions: self.suggestions(name),
             });
-        }
-        match version {
-            // `versions` is not empty here.
-            None => Ok(versions
+        };
+        let available = || {
+            let mut numbers: Vec<u32> = versions.iter().map(|t| t.version).collect();
+            numbers.sort_unstable();
+            numbers
                 .iter()
-                .rev()
-                .find(|t| !t.deprecated)
-                .copied()
-                .unwrap_or(versions[versions.len() - 1])),
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match version {
+            None => Ok(bare),
+            Some("") => Err(LookupError::EmptyVersion {
+                name: bare.name.clone(),
+                available: available(),
+            }),
             Some(v) => {
                 let wanted = v.strip_prefix(['v', 'V']).unwrap_or(v).parse::<u32>().ok();
                 versions
@@ -851,16 +957,18 @@ impl Catalog {
                     .find(|t| Some(t.version) == wanted)
                     .copied()
                     .ok_or_else(|| LookupError::UnknownVersion {
-                        name: versions[0].name.clone(),
+                        name: bare.name.clone(),
                         version: v.to_string(),
-                        available: versions
-                            .iter()
-                            .map(|t| t.version.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                        available: available(),
                     })
             }
         }
+    }
+
+    /// Whether a bare `ty.name` resolves to `ty` (see [`Catalog::resolve`]).
+    pub fn is_bare_resolution(&self, ty: &VgpuType) -> bool {
+        self.resolve(&ty.name)
+            .is_ok_and(|t| t.version == ty.version)
     }
 
     /// Whether `ty` is the newest version of its name.
@@ -1033,6 +1141,88 @@ mod tests {
         assert!(c.is_newest(c.resolve("EMU-16M@3").unwrap()));
     }
 
+    /// Versions whose other fields sort the other way: `types` is ordered by family and
+    /// framebuffer, so a newer version may come first, and files may list it first.
+    #[test]
+    fn bare_names_resolve_by_version_number_not_table_order() {
+        let v1 = bochs_toml("LAB-32M", 1, "64M", "2560x1440", "1920x1080", 30, "");
+        let v2 = bochs_toml("LAB-32M", 2, "32M", "2560x1440", "1920x1080", 30, "");
+        let deprecated_v3 = bochs_toml(
+            "LAB-32M",
+            3,
+            "16M",
+            "1280x1024",
+            "1024x768",
+            30,
+            "deprecated = true",
+        );
+
+        // One file, newest first; the newer version has the smaller framebuffer.
+        let mut c = builtin();
+        c.add_toml("lab.toml", &format!("{v2}\n{v1}")).unwrap();
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 2);
+        assert_eq!(c.resolve("lab-32m").unwrap().version, 2);
+        assert!(c.is_bare_resolution(c.resolve("LAB-32M@2").unwrap()));
+        assert!(!c.is_bare_resolution(c.resolve("LAB-32M@1").unwrap()));
+
+        // Two files, the newer version loaded first.
+        let mut c = builtin();
+        c.add_toml("new.toml", &v2).unwrap();
+        c.add_toml("old.toml", &v1).unwrap();
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 2);
+
+        // The newer version in a family that sorts first.
+        let mut c = builtin();
+        let family = "[[family]]\nname = \"aaa\"\ndescription = \"sorts first\"\nvram = \"4G\"\n";
+        c.add_toml(
+            "fam.toml",
+            &format!(
+                "{family}{v1}\n{}",
+                v2.replace("family = \"emu\"", "family = \"aaa\"")
+            ),
+        )
+        .unwrap();
+        let first = c.types().iter().find(|t| t.name == "LAB-32M").unwrap();
+        assert_eq!(
+            first.key(),
+            "LAB-32M@2",
+            "the newer version sorts first here"
+        );
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 2);
+
+        // A newer deprecated version (smallest framebuffer, so it sorts first) is passed over;
+        // when every version is deprecated, the newest is taken.
+        let mut c = builtin();
+        c.add_toml("dep.toml", &format!("{v1}\n{v2}\n{deprecated_v3}"))
+            .unwrap();
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 2);
+        let deprecated = |t: &str| t.to_string() + "deprecated = true\n";
+        let mut c = builtin();
+        c.add_toml(
+            "alldep.toml",
+            &format!("{}\n{}\n{deprecated_v3}", deprecated(&v1), deprecated(&v2)),
+        )
+        .unwrap();
+        assert!(c
+            .types()
+            .iter()
+            .filter(|t| t.name == "LAB-32M")
+            .all(|t| t.deprecated));
+        assert_eq!(c.resolve("LAB-32M").unwrap().version, 3);
+
+        // Versions are listed in numeric order whatever the table order.
+        let mut c = builtin();
+        c.add_toml("lab.toml", &format!("{v2}\n{v1}")).unwrap();
+        assert_eq!(
+            c.resolve("LAB-32M@7").unwrap_err().to_string(),
+            "type `LAB-32M` has no version 7 (it has 1, 2)"
+        );
+        assert_eq!(
+            c.resolve("lab-32m@").unwrap_err().to_string(),
+            "`LAB-32M@` names no version; write LAB-32M@VERSION (it has 1, 2) or LAB-32M for the newest"
+        );
+    }
+
     #[test]
     fn unknown_names_get_suggestions() {
         let c = builtin();
@@ -1166,6 +1356,18 @@ mod tests {
             ("name", "name = \"bad name\"", "name", "contains"),
             ("frl", "frl = \"sixty\"", "frl", "expected u32"),
             ("frl", "colour = 3", "colour", "unknown field"),
+            (
+                "pci",
+                "pci = { vendor = 0xffff, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }",
+                "vendor",
+                "0xffff is not a vendor ID",
+            ),
+            (
+                "pci",
+                "pci = { vendor = 0x0000, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }",
+                "vendor",
+                "0x0000 is not a vendor ID",
+            ),
         ];
         for (key, line, field, needle) in cases {
             let e = error_with(key, line);
@@ -1176,6 +1378,68 @@ mod tests {
                 .to_string()
                 .starts_with(&format!("user.toml:{}: field `{field}`", line_of(key))));
         }
+    }
+
+    /// The fields of one section of [`TYPE_FILE_REFERENCE`]: lines indented by `indent` spaces
+    /// that start with a field name, from the line starting with `header` to the next blank line.
+    fn reference_fields(header: &str, indent: usize) -> Vec<String> {
+        let mut lines = TYPE_FILE_REFERENCE
+            .lines()
+            .skip_while(|l| !l.starts_with(header))
+            .skip(1);
+        let mut fields = Vec::new();
+        for l in lines.by_ref().take_while(|l| !l.is_empty()) {
+            let body = &l[indent.min(l.len())..];
+            if l.len() > indent
+                && l[..indent].trim().is_empty()
+                && body.starts_with(|c: char| c.is_ascii_lowercase())
+            {
+                fields.push(body.split_whitespace().next().unwrap().to_string());
+            }
+        }
+        fields.sort();
+        fields
+    }
+
+    /// The fields the parser accepts, from serde's unknown-field error.
+    fn accepted_fields(text: &str) -> Vec<String> {
+        let e = Catalog::builtin()
+            .unwrap()
+            .add_toml("x.toml", text)
+            .unwrap_err();
+        let list = e
+            .message
+            .split("expected one of")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{e}"));
+        let mut fields: Vec<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        fields.sort();
+        fields
+    }
+
+    #[test]
+    fn the_field_reference_lists_every_accepted_field() {
+        let ty = accepted_fields(&(good() + "bogus = 1\n"));
+        assert_eq!(reference_fields("[[type]]", 2), ty);
+        let pci = accepted_fields(&good().replace("revision = 2 }", "revision = 2, bogus = 1 }"));
+        assert_eq!(reference_fields("  pci ", 4), pci);
+        let family = accepted_fields(
+            "[[family]]\nname = \"f\"\ndescription = \"d\"\nvram = \"1G\"\nbogus = 1\n",
+        );
+        assert_eq!(reference_fields("[[family]]", 2), family);
+        let top = accepted_fields("bogus = 1\n");
+        assert_eq!(top, ["default_type", "family", "type"]);
+        assert!(TYPE_FILE_REFERENCE.contains("\ndefault_type = "));
+        // The example loads.
+        let example = TYPE_FILE_REFERENCE.split("Example:\n").nth(1).unwrap();
+        let mut c = builtin();
+        c.add_toml("example.toml", example).unwrap();
+        assert_eq!(c.resolve("LAB-32M").unwrap().framebuffer, 32 << 20);
     }
 
     #[test]

@@ -387,8 +387,9 @@ impl Device {
         Ok(())
     }
 
-    /// Reads the whole register BAR of a freshly reset device (for the ABI fingerprint).
-    pub(crate) fn register_image(&mut self) -> Vec<u8> {
+    /// Reads the whole register BAR as a guest would see it at power-on (for the ABI
+    /// fingerprint and `vgpu-emu diff`), then resets the registers.
+    pub fn register_image(&mut self) -> Vec<u8> {
         let mut image = vec![0u8; bochs::MMIO_SIZE as usize];
         self.regs.read(0, &mut image);
         self.regs.reset();

@@ -1,0 +1,436 @@
+//! The binary's command line: type resolution through `--types-file`, exit codes of bad input
+//! for every subcommand, and refusals of input that must not be accepted.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::BIN;
+
+/// Runs `vgpu-emu ARGS...` with no stdin.
+fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A bochs `LAB-32M` record of `version` with `framebuffer`.
+fn lab(version: u32, framebuffer: &str) -> String {
+    format!(
+        r#"[[type]]
+name = "LAB-32M"
+version = {version}
+family = "emu"
+personality = "bochs"
+pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}
+framebuffer = "{framebuffer}"
+num_heads = 1
+max_resolution = "2560x1440"
+default_resolution = "1920x1080"
+frl = 30
+max_instances = 8
+"#
+    )
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// The issue's file: LAB-32M@1 (64M) and LAB-32M@2 (32M); @2 sorts first by framebuffer.
+#[test]
+fn a_bare_name_describes_and_serves_the_newest_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "lab.toml",
+        &(lab(1, "64M") + "\n" + &lab(2, "32M")),
+    );
+    let out = run(&[
+        "--types-file".as_ref(),
+        file.as_os_str(),
+        "describe".as_ref(),
+        "LAB-32M".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("LAB-32M@2  (newest version of LAB-32M)"),
+        "{text}"
+    );
+
+    let socket = dir.path().join("vgpu.sock");
+    let mut child = Command::new(BIN)
+        .arg("--types-file")
+        .arg(&file)
+        .args(["serve", "--type", "LAB-32M", "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.starts_with("vgpu-emu: serving LAB-32M@2 (") && line.contains("framebuffer=32M"),
+        "{line}"
+    );
+}
+
+/// Runs `vgpu-emu ARGS...` and asserts its exit code and that stderr contains `needle`.
+fn assert_exit<S: AsRef<std::ffi::OsStr>>(args: &[S], code: i32, needle: &str) {
+    let out = run(args);
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "vgpu-emu {shown:?}: {}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(needle),
+        "vgpu-emu {shown:?}: {needle:?} not in {}",
+        stderr(&out)
+    );
+}
+
+const USAGE: i32 = 2;
+const FAILURE: i32 = 1;
+
+/// Bad input exits 2 in every subcommand, as clap's own argument errors do; run-time failures
+/// exit 1. (`create`/`remove` refusals by a live daemon are in tests/management.rs.)
+#[test]
+fn bad_input_exits_2_in_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let missing = format!("{d}/missing.toml");
+    let broken = write(dir.path(), "broken.toml", &lab(1, "24M"));
+    let broken = broken.to_str().unwrap();
+    let sock = format!("{d}/s.sock");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["serve", "--type", "NOPE", "--socket", &sock],
+            "unknown type `NOPE`",
+        ),
+        (
+            &["serve", "--type", "M60-2Q", "--socket", &sock],
+            "cannot serve yet",
+        ),
+        (
+            &["serve", "--uuid", "bad", "--socket", &sock],
+            "invalid UUID `bad`",
+        ),
+        (&["serve", "--bogus"], "unexpected argument"),
+        (
+            &["--types-file", &missing, "types"],
+            "cannot read type file",
+        ),
+        (&["--types-file", broken, "types"], "not a power of two"),
+        (&["describe", "NOPE"], "unknown type `NOPE`"),
+        (&["describe", "EMU-64M@9"], "has no version 9"),
+        (
+            &["status", "--socket", &sock, "--bogus"],
+            "unexpected argument",
+        ),
+        (
+            &["daemon", "--root", d, "--parent", "x=nope"],
+            "unknown family `nope`",
+        ),
+        (&["daemon", "--root", d, "--parent", "x"], "NAME=FAMILY"),
+        (&["list", "--root", d, "--bogus"], "unexpected argument"),
+        (
+            &[
+                "create", "--root", d, "--parent", "emu0", "--type", "EMU-64M", "--uuid", "bad",
+            ],
+            "invalid UUID `bad`",
+        ),
+        (&["remove", "--root", d, "bad"], "invalid UUID `bad`"),
+        (
+            &[
+                "screenshot",
+                "--socket",
+                &sock,
+                "--head",
+                "x",
+                "-o",
+                "x.png",
+            ],
+            "invalid value",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_exit(args, USAGE, needle);
+    }
+    // Nothing answers: a run-time failure, not bad input.
+    let uuid = "11111111-0000-4000-8000-000000000001";
+    for args in [
+        &["status", "--socket", &sock][..],
+        &["screenshot", "--socket", &sock, "-o", "x.png"][..],
+        &["list", "--root", d][..],
+        &[
+            "create", "--root", d, "--parent", "emu0", "--type", "EMU-64M",
+        ][..],
+        &["remove", "--root", d, uuid][..],
+    ] {
+        assert_exit(args, FAILURE, "no vgpu-emu instance answers");
+    }
+}
+
+/// `screenshot --head` beyond the instance's heads is bad input; a head that exists but shows
+/// nothing is a run-time state.
+#[test]
+fn screenshot_of_a_missing_head_exits_2() {
+    let served = common::Served::start("EMU-16M");
+    let out = served.cli(&["screenshot", "--head", "1", "-o", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(USAGE), "{}", stderr(&out));
+    assert!(stderr(&out).contains("head 1 does not exist; the instance has 1 head(s)"));
+    let out = served.cli(&["screenshot", "--head", "0", "-o", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(FAILURE), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not displaying"), "{}", stderr(&out));
+}
+
+/// Input that used to be accepted: an invisible vendor ID, parent names that are not single
+/// path components, an endless type file, an empty version.
+#[test]
+fn accepted_bad_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let ffff = write(
+        dir.path(),
+        "ffff.toml",
+        &lab(1, "32M").replace("vendor = 0x1234, device", "vendor = 0xffff, device"),
+    );
+    let ffff = ffff.to_str().unwrap();
+    assert_exit(
+        &["--types-file", ffff, "types"],
+        USAGE,
+        &format!("invalid vGPU type: {ffff}:6: field `vendor`: 0xffff is not a vendor ID"),
+    );
+    for parent in ["..=emu", ".=emu", "=emu", "a/b=emu", "-x=emu", "gpu 0=emu"] {
+        let arg = format!("--parent={parent}");
+        assert_exit(&["daemon", "--root", d, &arg], USAGE, "parent name");
+    }
+    assert!(
+        !dir.path().join("etc").exists(),
+        "a refused argument touches nothing"
+    );
+    // /dev/zero never ends: the read stops one byte past the limit.
+    assert_exit(
+        &["--types-file", "/dev/zero", "types"],
+        USAGE,
+        "type file /dev/zero is larger than 1024 KiB",
+    );
+    assert_exit(
+        &["describe", "EMU-64M@"],
+        USAGE,
+        "`EMU-64M@` names no version; write EMU-64M@VERSION (it has 1) or EMU-64M for the newest",
+    );
+}
+
+/// `diff` exits 0 for identical versions, 1 when they differ, 2 for a type that does not exist.
+#[test]
+fn diff_exit_codes() {
+    let out = run(&["diff", "EMU-64M", "EMU-64M@1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "EMU-64M@1 and EMU-64M@1: no guest-visible difference\n"
+    );
+    let out = run(&["diff", "EMU-16M", "EMU-64M"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("PCI subsystem       EMU-16M@1: 1234:1001"),
+        "{text}"
+    );
+    assert!(stderr(&out).is_empty(), "a difference is no error");
+    assert_exit(&["diff", "EMU-16M", "NOPE"], USAGE, "unknown type `NOPE`");
+}
+
+/// The type directory `create` and the tree use names a type wherever a name does.
+#[test]
+fn a_type_directory_names_a_type() {
+    let out = run(&["describe", "vgpu_emu-emu_64m-v1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("EMU-64M@1  ("));
+    assert_exit(
+        &["describe", "vgpu_emu-emu_64m-v7"],
+        USAGE,
+        "unknown type `vgpu_emu-emu_64m-v7`",
+    );
+}
+
+#[test]
+fn types_help_prints_the_field_reference() {
+    let out = run(&["types", "--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(vgpu_model::catalog::TYPE_FILE_REFERENCE.trim_end()),
+        "{text}"
+    );
+}
+
+/// `describe --edid/--config` write the raw bytes for edid-decode and `lspci -F`.
+#[test]
+fn describe_dumps_edid_and_config_space() {
+    let out = run(&["describe", "EMU-64M", "--edid", "-"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 128);
+    assert_eq!(out.stdout[..8], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+    assert_eq!(
+        out.stdout.iter().fold(0u8, |s, b| s.wrapping_add(*b)),
+        0,
+        "EDID checksum"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.lspci");
+    let out = run(&[
+        "describe".as_ref(),
+        "vgpu_emu-emu_16m-v1".as_ref(),
+        "--config".as_ref(),
+        file.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "no description with a dump");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("00:00.0 vgpu-emu EMU-16M@1 "), "{text}");
+    assert!(
+        text.contains("\n00: 34 12 11 11 00 00 10 00 02 00 80 03 "),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 17);
+    assert_exit(
+        &["describe", "M60-2Q", "--config", "-"],
+        USAGE,
+        "cannot serve yet",
+    );
+    assert_exit(
+        &["describe", "EMU-64M", "--config", "-", "--edid", "-"],
+        USAGE,
+        "cannot both write to stdout",
+    );
+}
+
+/// Serving a deprecated version works (it is pinned somewhere) and logs a warning.
+#[test]
+fn serving_a_deprecated_version_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "lab.toml",
+        &(lab(1, "64M") + "deprecated = true\n\n" + &lab(2, "32M")),
+    );
+    let socket = dir.path().join("vgpu.sock");
+    let mut child = Command::new(BIN)
+        .arg("--types-file")
+        .arg(&file)
+        .args(["serve", "--type", "LAB-32M@1", "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("vgpu-emu: serving LAB-32M@1 ("), "{line}");
+    // The warning is logged before the readiness line; stderr ends when the process does.
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("type LAB-32M@1 is deprecated; a bare LAB-32M resolves to LAB-32M@2"),
+        "{err}"
+    );
+}
+
+/// `status` and `screenshot` find the instance `serve` started on its default socket, and
+/// `screenshot -o -` writes the PNG to stdout.
+#[test]
+fn status_and_screenshot_default_to_serves_socket() {
+    let runtime = tempfile::tempdir().unwrap();
+    let socket = runtime.path().join("vgpu-emu.sock");
+    let with_env = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let mut child = Command::new(BIN)
+        .args(["serve", "--type", "EMU-16M"])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains(&format!(" on {}", socket.display())),
+        "{line}"
+    );
+    let out = with_env(&["status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["type"], "EMU-16M@1");
+
+    // A 64x64 mode at 32 bpp, the way Linux bochs-drm sets one, and one red pixel.
+    let mut c = vfio_user::Client::new(&socket).unwrap();
+    let bar2 = 2;
+    let mut b = [0u8; 1];
+    c.region_read(bar2, 0x400 + 0x1a, &mut b).unwrap();
+    c.region_write(bar2, 0x400, &[0x20]).unwrap();
+    for (index, value) in [
+        (4u64, 0u16),
+        (3, 32),
+        (1, 64),
+        (2, 64),
+        (6, 64),
+        (7, 64),
+        (4, 0x41),
+    ] {
+        c.region_write(bar2, 0x500 + 2 * index, &value.to_le_bytes())
+            .unwrap();
+    }
+    c.region_write(0, 0, &[0x00, 0x00, 0xff, 0x00]).unwrap();
+    let out = with_env(&["screenshot", "-o", "-"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("to stdout"), "{}", stderr(&out));
+    let (w, h, rgb) = vgpu_emu::display::decode_png_rgb(&out.stdout).unwrap();
+    assert_eq!((w, h, &rgb[..3]), (64, 64, &[0xff, 0x00, 0x00][..]));
+    drop(c);
+    let _ = child.kill();
+    let _ = child.wait();
+}
