@@ -43,6 +43,8 @@ pub struct DaemonConfig {
     pub parents: Vec<ParentSpec>,
     /// Start definitions marked `"start": "auto"`.
     pub autostart: bool,
+    /// How long a removal waits for a client to release an instance.
+    pub release_timeout: std::time::Duration,
 }
 
 /// The default root: `$XDG_RUNTIME_DIR/vgpu-emu`, else `/run/vgpu-emu`.
@@ -491,9 +493,10 @@ fn serve_control(line: &str, out: &mut Vec<u8>, manager: &SharedManager) -> std:
             }
         }
         Ok(Request::Remove { uuid }) => {
-            let mut m = manager.lock().unwrap_or_else(|p| p.into_inner());
             match uuid::Uuid::parse_str(&uuid).map_err(|_| format!("`{uuid}` is not a UUID")) {
-                Ok(u) => match m.remove(&u) {
+                // Waits (up to the release timeout) for an attached client to let go; the tree
+                // is not held meanwhile, this endpoint is.
+                Ok(u) => match Manager::remove_released(manager, &u) {
                     Ok(()) => Reply {
                         ok: true,
                         ..Reply::default()
@@ -557,8 +560,9 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
     ])
     .map_err(CliError::Runtime)?;
     let root = &prepare_root(&config.root)?;
-    let manager = Manager::new(catalog, config.parents.clone(), &root.join("run"))
+    let mut manager = Manager::new(catalog, config.parents.clone(), &root.join("run"))
         .map_err(CliError::Config)?;
+    manager.set_release_timeout(config.release_timeout);
     let manager: SharedManager = Arc::new(Mutex::new(manager));
     let ctl_path = control_socket(root);
     let ctl = socket::bind(&ctl_path)?;

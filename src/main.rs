@@ -98,6 +98,10 @@ enum Command {
         /// Start the definitions in ROOT/etc/mdevctl.d marked "start": "auto".
         #[arg(long)]
         autostart: bool,
+        /// How long removing an instance that a client uses waits for the client to release
+        /// it after asking (the VFIO request interrupt), before failing with EBUSY.
+        #[arg(long, value_name = "SECONDS", default_value_t = vgpu_emu::manager::RELEASE_TIMEOUT.as_secs_f64())]
+        release_timeout: f64,
     },
     /// List a daemon's instances.
     List {
@@ -304,6 +308,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             root,
             parents,
             autostart,
+            release_timeout,
         } => {
             let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
             let parents = if parents.is_empty() {
@@ -329,6 +334,8 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 root: root.unwrap_or_else(vgpu_emu::daemon::default_root),
                 parents,
                 autostart,
+                release_timeout: std::time::Duration::try_from_secs_f64(release_timeout)
+                    .map_err(|e| CliError::Config(format!("--release-timeout: {e}")))?,
             };
             vgpu_emu::daemon::run(catalog, &config)
         }

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use serde::Serialize;
@@ -19,6 +20,7 @@ use vgpu_model::{Catalog, VgpuType};
 
 use crate::control::ControlServer;
 use crate::instance::{lock, Instance, SharedInstance};
+use crate::irq::Signalled;
 use crate::server::{Server, StopHandle};
 use crate::socket::{self, control_path, RemoveOnDrop};
 
@@ -128,6 +130,20 @@ pub enum ManageError {
     /// The instance could not be started.
     #[error("cannot start the instance")]
     Start(#[from] StartError),
+    /// A client still uses the instance: it was asked to release it (the VFIO request
+    /// interrupt) and did not within the wait.
+    #[error(
+        "instance {uuid} is in use: its client did not release it within {waited:?} of being asked"
+    )]
+    InUse {
+        /// The instance.
+        uuid: Uuid,
+        /// How long it was given.
+        waited: Duration,
+    },
+    /// Another removal of the instance is in progress.
+    #[error("instance {0} is being removed already")]
+    Removing(Uuid),
 }
 
 /// Why a new instance could not be started.
@@ -180,6 +196,8 @@ impl ManageError {
             // ENOSPC from probe; the mdev core itself said EUSERS only in 5.16-6.0).
             ManageError::NoCapacity { .. } => libc::ENOSPC,
             ManageError::Start(e) => e.errno(),
+            // What the kernel answers for a device that is still open.
+            ManageError::InUse { .. } | ManageError::Removing(_) => libc::EBUSY,
         }
     }
 
@@ -198,7 +216,10 @@ impl ManageError {
                 reason,
                 Unavailable::NotServed { .. } | Unavailable::OtherFamily { .. }
             ),
-            ManageError::Exists(_) | ManageError::Start(_) => false,
+            ManageError::Exists(_)
+            | ManageError::Start(_)
+            | ManageError::InUse { .. }
+            | ManageError::Removing(_) => false,
         }
     }
 }
@@ -295,6 +316,8 @@ struct Managed {
     ty: VgpuType,
     shared: SharedInstance,
     stop: StopHandle,
+    /// A removal is waiting for the client to release the instance.
+    removing: bool,
     server: Option<JoinHandle<()>>,
     control: Option<ControlServer>,
     _socket_guards: [RemoveOnDrop; 2],
@@ -353,6 +376,38 @@ pub struct Manager {
     type_index: HashMap<String, TypeIndex>,
     run_dir: PathBuf,
     instances: BTreeMap<Uuid, Managed>,
+    /// How long a removal waits for a client to release the instance.
+    release_timeout: Duration,
+}
+
+/// How long a removal waits, by default, for the client to release the instance after the
+/// request interrupt. QEMU unplugs the device from the guest first; under PCIe native hotplug
+/// the guest takes about 5 s for that (the attention-button delay).
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A removal waiting for the instance's client to let go (see [`Manager::begin_remove`]).
+#[derive(Debug)]
+pub struct Release {
+    uuid: Uuid,
+    shared: SharedInstance,
+    since: Instant,
+    timeout: Duration,
+}
+
+impl Release {
+    /// The instance being removed.
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    /// Waits until the client has disconnected or the timeout has passed. Takes the instance
+    /// lock only for a moment at a time, and never the manager.
+    pub fn wait(&self) {
+        let deadline = self.since + self.timeout;
+        while lock(&self.shared).client_since.is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// The mdev type directory of a type version: `vgpu_emu-<name>-v<version>`, lower case.
@@ -410,6 +465,7 @@ impl Manager {
             type_index,
             run_dir: run_dir.to_path_buf(),
             instances: BTreeMap::new(),
+            release_timeout: RELEASE_TIMEOUT,
         })
     }
 
@@ -590,6 +646,7 @@ impl Manager {
             Managed {
                 parent: parent.to_string(),
                 ty,
+                removing: false,
                 shared,
                 stop,
                 server: Some(thread),
@@ -607,9 +664,100 @@ impl Manager {
             .remove(uuid)
             .ok_or(ManageError::NoInstance(*uuid))?;
         let (parent, key) = (m.parent.clone(), m.ty.key());
+        let attached = lock(&m.shared).client_since.is_some();
         m.shutdown();
-        info!("removed {uuid} ({key}) from {parent}");
+        if attached {
+            warn!("removed {uuid} ({key}) from {parent}, disconnecting its client");
+        } else {
+            info!("removed {uuid} ({key}) from {parent}");
+        }
         Ok(())
+    }
+
+    /// Sets how long a removal waits for a client to release an instance.
+    pub fn set_release_timeout(&mut self, timeout: Duration) {
+        self.release_timeout = timeout;
+    }
+
+    /// Starts removing `uuid` the way the kernel removes a device that is in use: when a client
+    /// is attached, it is asked to release the device (the VFIO request interrupt; QEMU then
+    /// unplugs it from the guest and disconnects). Removes at once when nobody is attached;
+    /// otherwise returns a [`Release`] to wait on without holding the manager, then to pass
+    /// to [`Manager::finish_remove`].
+    pub fn begin_remove(&mut self, uuid: &Uuid) -> Result<Option<Release>, ManageError> {
+        let m = self
+            .instances
+            .get_mut(uuid)
+            .ok_or(ManageError::NoInstance(*uuid))?;
+        if m.removing {
+            return Err(ManageError::Removing(*uuid));
+        }
+        if lock(&m.shared).client_since.is_none() {
+            self.remove(uuid)?;
+            return Ok(None);
+        }
+        m.removing = true;
+        let timeout = self.release_timeout;
+        match m.stop.request_release() {
+            Signalled::Raised | Signalled::AlreadyPending => info!(
+                "remove {uuid}: a client is attached; asked it to release the device (request interrupt), waiting up to {timeout:?}"
+            ),
+            Signalled::NotAssigned => info!(
+                "remove {uuid}: a client is attached and assigned no request interrupt (QEMU's vfio-user-pci assigns none), so it cannot be asked to release the device; waiting up to {timeout:?} for it to let go (for instance after QEMU's device_del)"
+            ),
+            Signalled::Failed(errno) => warn!(
+                "remove {uuid}: a client is attached; raising its request interrupt failed ({}), waiting up to {timeout:?} for it to let go",
+                std::io::Error::from_raw_os_error(errno)
+            ),
+        }
+        Ok(Some(Release {
+            uuid: *uuid,
+            shared: m.shared.clone(),
+            since: Instant::now(),
+            timeout: self.release_timeout,
+        }))
+    }
+
+    /// Ends a removal started by [`Manager::begin_remove`] once [`Release::wait`] returned:
+    /// removes the instance if its client let go, or keeps it and answers EBUSY.
+    pub fn finish_remove(&mut self, release: Release) -> Result<(), ManageError> {
+        let uuid = release.uuid;
+        let m = self
+            .instances
+            .get_mut(&uuid)
+            .ok_or(ManageError::NoInstance(uuid))?;
+        m.removing = false;
+        if lock(&m.shared).client_since.is_some() {
+            let e = ManageError::InUse {
+                uuid,
+                waited: release.timeout,
+            };
+            warn!("remove {uuid} refused: {e}; the instance stays");
+            return Err(e);
+        }
+        info!(
+            "remove {uuid}: the client released the device after {} ms",
+            release.since.elapsed().as_millis()
+        );
+        self.remove(&uuid)
+    }
+
+    /// Gives up a removal started by [`Manager::begin_remove`] without deciding it.
+    pub fn abort_remove(&mut self, uuid: &Uuid) {
+        if let Some(m) = self.instances.get_mut(uuid) {
+            m.removing = false;
+        }
+    }
+
+    /// Removes `uuid`, asking an attached client to release it first and waiting for that
+    /// with `manager` unlocked (see [`Manager::begin_remove`]).
+    pub fn remove_released(manager: &Mutex<Manager>, uuid: &Uuid) -> Result<(), ManageError> {
+        let lock_manager = || manager.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(release) = lock_manager().begin_remove(uuid)? else {
+            return Ok(());
+        };
+        release.wait();
+        lock_manager().finish_remove(release)
     }
 
     /// Stops every instance.

@@ -309,13 +309,13 @@ impl MdevFs {
         Some((path, node))
     }
 
-    fn write_node(&self, path: &str, data: &[u8]) -> Result<(), Errno> {
+    fn write_node(&self, path: &str, data: &[u8]) -> Result<Written, Errno> {
         let text = std::str::from_utf8(data).map_err(|_| Errno::EINVAL)?;
         let parts: Vec<&str> = path.split('/').collect();
         let mut m = lock(&self.manager);
         match parts.as_slice() {
             ["devices", p, "mdev_supported_types", t, "create"] => {
-                m.create(p, t, text).map(drop).map_err(|e| {
+                m.create(p, t, text).map(|_| Written::Done).map_err(|e| {
                     let why = crate::error::chain(&e);
                     match e {
                         // Ours: the writer did nothing wrong.
@@ -333,15 +333,31 @@ impl MdevFs {
                     return Err(Errno::EINVAL);
                 }
                 let uuid = Uuid::parse_str(u).map_err(|_| Errno::ENOENT)?;
-                m.remove(&uuid).map_err(|e| errno(&e))
+                match m.begin_remove(&uuid) {
+                    Ok(None) => Ok(Written::Done),
+                    // The client was asked to release the instance: the caller waits for
+                    // that on a thread of its own, so the tree goes on serving meanwhile.
+                    Ok(Some(release)) => Ok(Written::Release(release)),
+                    Err(e) => Err(errno(&e)),
+                }
             }
             ["devices", _, u, attr] => {
                 let uuid = Uuid::parse_str(u).map_err(|_| Errno::ENOENT)?;
-                m.set_attr(&uuid, attr, text).map_err(|e| errno(&e))
+                m.set_attr(&uuid, attr, text)
+                    .map(|()| Written::Done)
+                    .map_err(|e| errno(&e))
             }
             _ => Err(Errno::EACCES),
         }
     }
+}
+
+/// What a write to the tree did.
+enum Written {
+    /// It took effect.
+    Done,
+    /// A removal waits for the instance's client to release it.
+    Release(crate::manager::Release),
 }
 
 impl Filesystem for MdevFs {
@@ -455,8 +471,29 @@ impl Filesystem for MdevFs {
         if !matches!(node, Node::File(_, true)) {
             return reply.error(Errno::EACCES);
         }
+        let len = data.len() as u32;
         match self.write_node(&path, data) {
-            Ok(()) => reply.written(data.len() as u32),
+            Ok(Written::Done) => reply.written(len),
+            Ok(Written::Release(release)) => {
+                // At most one such thread per instance (a second removal is EBUSY meanwhile),
+                // and the writer, like the kernel's, returns only when the removal is decided.
+                let manager = self.manager.clone();
+                let uuid = release.uuid();
+                let spawned = std::thread::Builder::new()
+                    .name("mdev-remove".into())
+                    .spawn(move || {
+                        release.wait();
+                        match lock(&manager).finish_remove(release) {
+                            Ok(()) => reply.written(len),
+                            Err(e) => reply.error(errno(&e)),
+                        }
+                    });
+                if let Err(e) = spawned {
+                    // The reply went with the closure: the writer sees EIO.
+                    log::warn!("cannot wait for the client of {uuid} to release it: {e}");
+                    lock(&self.manager).abort_remove(&uuid);
+                }
+            }
             Err(e) => reply.error(e),
         }
     }

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{run_script, vgpu_emu_ok, wait_until, BIN};
+use common::{eventfd, eventfd_take, run_script, vgpu_emu_ok, wait_until, Peer, BIN, SET_IRQS};
 use vgpu_model::Catalog;
 
 fn mdevctl_bin() -> &'static Path {
@@ -1018,4 +1018,79 @@ fn a_deprecated_version_says_so_in_the_tree_and_the_log() {
         )),
         "{err}"
     );
+}
+
+/// Removing an instance that a client uses asks the client to release it (the VFIO request
+/// interrupt, which QEMU answers by unplugging the device from the guest and disconnecting),
+/// waits for that without holding the tree, and fails with EBUSY when the client does not let
+/// go in time. It once closed the client's connection under a running guest.
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn removing_an_instance_in_use_asks_its_client_to_release_it() {
+    use std::os::fd::AsRawFd;
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &["--release-timeout", "2"]);
+    let ty = "vgpu_emu-emu_16m-v1";
+    let uuid = "7e0e0000-0000-4000-8000-000000000001";
+    d.create("emu0", ty, uuid).unwrap();
+    let remove = d.sys(&format!("bus/mdev/devices/{uuid}/remove"));
+    // A client with an eventfd on the REQ index (4), as QEMU assigns one.
+    let req = |peer: &mut Peer, efd: &std::os::fd::OwnedFd| {
+        let mut set = 20u32.to_le_bytes().to_vec();
+        for v in [4u32 | 32, 4, 0, 1] {
+            set.extend_from_slice(&v.to_le_bytes());
+        }
+        let r = peer.call_fds(SET_IRQS, &set, &[efd.as_raw_fd()]);
+        assert!(!r.is_error(), "{r:?}");
+    };
+
+    // A client that ignores the request: EBUSY after the wait, the instance stays, and the tree
+    // answered while the removal waited.
+    let mut stubborn = Peer::negotiated(&d.socket(uuid));
+    let efd = eventfd();
+    req(&mut stubborn, &efd);
+    let started = std::time::Instant::now();
+    let waiter = {
+        let remove = remove.clone();
+        std::thread::spawn(move || std::fs::write(remove, "1"))
+    };
+    wait_until(Duration::from_secs(5), "the request interrupt", || {
+        eventfd_take(&efd) > 0
+    });
+    let t = std::time::Instant::now();
+    assert_eq!(
+        d.available("emu0", ty),
+        63,
+        "the tree answers during the wait"
+    );
+    assert!(t.elapsed() < Duration::from_millis(500));
+    let e = waiter.join().unwrap().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(d.socket(uuid).exists(), "the instance stays");
+    assert_eq!(stubborn.dispi(0), 0xb0c5, "and its client is still served");
+
+    // A client that does as asked (as QEMU does): the removal succeeds once it has gone.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cooperative = std::thread::spawn(move || {
+        let mut pfd = libc::pollfd {
+            fd: efd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one live pollfd for up to 10 s.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        tx.send(ready).unwrap();
+        drop(stubborn);
+    });
+    std::fs::write(&remove, "1").expect("removed once the client let go");
+    assert_eq!(rx.recv().unwrap(), 1, "the client was asked");
+    cooperative.join().unwrap();
+    assert!(!d.socket(uuid).exists());
+    assert_eq!(d.available("emu0", ty), 64);
+
+    // Nobody attached: removed at once.
+    d.create("emu0", ty, uuid).unwrap();
+    let t = std::time::Instant::now();
+    std::fs::write(&remove, "1").unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1));
 }
