@@ -68,10 +68,36 @@ pub struct MdevFs {
     owner: (u32, u32),
 }
 
-#[derive(Debug, Default)]
+/// Inode numbers of paths. The kernel holds an inode from a lookup until it forgets it; an
+/// entry it holds no reference to (given out by readdir, or forgotten) is dropped when the
+/// table outgrows what is referenced, so instances created and removed for the daemon's whole
+/// life do not grow it. Numbers are never reused.
+#[derive(Debug)]
 struct Inodes {
     by_path: HashMap<String, u64>,
-    paths: Vec<String>,
+    /// Inode -> (path, lookups the kernel holds).
+    nodes: HashMap<u64, (String, u64)>,
+    next: u64,
+    /// Table size at which entries without references are dropped next.
+    prune_at: usize,
+}
+
+/// The root's inode.
+const ROOT_INO: u64 = 1;
+/// The fewest entries the table keeps before pruning.
+const PRUNE_MIN: usize = 1024;
+
+impl Default for Inodes {
+    fn default() -> Self {
+        let mut inodes = Inodes {
+            by_path: HashMap::new(),
+            nodes: HashMap::new(),
+            next: ROOT_INO,
+            prune_at: PRUNE_MIN,
+        };
+        inodes.intern("");
+        inodes
+    }
 }
 
 impl Inodes {
@@ -80,16 +106,56 @@ impl Inodes {
         if let Some(&ino) = self.by_path.get(path) {
             return ino;
         }
-        self.paths.push(path.to_string());
-        let ino = self.paths.len() as u64;
+        if self.nodes.len() >= self.prune_at {
+            self.prune();
+        }
+        let ino = self.next;
+        self.next += 1;
+        self.nodes.insert(ino, (path.to_string(), 0));
         self.by_path.insert(path.to_string(), ino);
         ino
     }
 
+    /// The inode of `path`, for a lookup reply: the kernel holds one more reference.
+    fn looked_up(&mut self, path: &str) -> u64 {
+        let ino = self.intern(path);
+        if let Some((_, n)) = self.nodes.get_mut(&ino) {
+            *n += 1;
+        }
+        ino
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        if let Some((path, held)) = self.nodes.get_mut(&ino) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                let path = std::mem::take(path);
+                self.nodes.remove(&ino);
+                self.by_path.remove(&path);
+            }
+        }
+    }
+
+    /// Drops the entries the kernel holds no reference to.
+    fn prune(&mut self) {
+        self.nodes
+            .retain(|&ino, (_, held)| ino == ROOT_INO || *held > 0);
+        let nodes = &self.nodes;
+        self.by_path.retain(|_, ino| nodes.contains_key(ino));
+        self.prune_at = (self.nodes.len() * 2).max(PRUNE_MIN);
+    }
+
     fn path(&self, ino: u64) -> Option<String> {
-        self.paths
-            .get(usize::try_from(ino).ok()?.checked_sub(1)?)
-            .cloned()
+        self.nodes.get(&ino).map(|(p, _)| p.clone())
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.nodes.len()
     }
 }
 
@@ -251,8 +317,7 @@ fn errno(e: &ManageError) -> Errno {
 impl MdevFs {
     /// A filesystem over `manager`.
     pub fn new(manager: SharedManager) -> Self {
-        let mut inodes = Inodes::default();
-        inodes.intern("");
+        let inodes = Inodes::default();
         // SAFETY: geteuid and getegid have no preconditions and cannot fail.
         let owner = unsafe { (libc::geteuid(), libc::getegid()) };
         MdevFs {
@@ -376,11 +441,15 @@ impl Filesystem for MdevFs {
         let node = resolve_node(&lock(&self.manager), &path, false);
         match node {
             Some(node) => {
-                let ino = self.inodes().intern(&path);
+                let ino = self.inodes().looked_up(&path);
                 reply.entry(&ttl(&path), &self.attr(ino, &node), Generation(0));
             }
             None => reply.error(Errno::ENOENT),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes().forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -568,6 +637,34 @@ impl Filesystem for MdevFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Instances created and removed for the daemon's whole life once grew the inode table
+    /// without end (the soak found it: +250 KiB a minute).
+    #[test]
+    fn the_inode_table_does_not_grow_with_churn() {
+        let mut t = Inodes::default();
+        let held = t.looked_up("class");
+        let mut last = held;
+        for i in 0..100_000u32 {
+            // An instance appears in a readdir, is looked up, and is forgotten when removed.
+            let path = format!("devices/emu0/{i:08}");
+            let listed = t.intern(&path);
+            assert_eq!(t.looked_up(&path), listed);
+            assert!(listed > last, "inode numbers are never reused");
+            last = listed;
+            t.intern(&format!("{path}/remove"));
+            t.forget(listed, 1);
+        }
+        assert!(t.len() <= 2 * PRUNE_MIN, "{} entries", t.len());
+        assert_eq!(t.path(held).as_deref(), Some("class"), "held entries stay");
+        assert_eq!(t.path(ROOT_INO).as_deref(), Some(""));
+        t.forget(ROOT_INO, 1_000);
+        assert_eq!(
+            t.path(ROOT_INO).as_deref(),
+            Some(""),
+            "the root is never forgotten"
+        );
+    }
     use crate::manager::ParentSpec;
     use vgpu_model::Catalog;
 
