@@ -586,6 +586,18 @@ fn a_guest_boots_on_an_instance_created_through_the_mdev_tree() {
     assert!(daemon.wait().unwrap().success(), "the daemon stops cleanly");
 }
 
+/// A child process that is stopped (SIGTERM, then waited for) when the test ends, failed or not:
+/// a daemon left running would keep its tree mounted.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
 /// Removing an instance under a running guest, as `mdevctl stop` does: the device is not
 /// yanked from under the guest. The daemon asks the client to release it (the request
 /// interrupt, which QEMU 11's vfio-user-pci does not take: the log says so) and waits; when the
@@ -595,25 +607,27 @@ fn a_guest_boots_on_an_instance_created_through_the_mdev_tree() {
 #[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
 fn removing_an_instance_waits_for_the_running_guest_to_release_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Command::new(BIN)
-        .arg("daemon")
-        .arg("--root")
-        .arg(dir.path())
-        .args(["--release-timeout", "120"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut daemon = Stopped(
+        Command::new(BIN)
+            .arg("daemon")
+            .arg("--root")
+            .arg(dir.path())
+            .args(["--release-timeout", "120"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut ready = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
+    BufReader::new(daemon.0.stdout.take().unwrap())
         .read_line(&mut ready)
         .unwrap();
     assert!(ready.starts_with("vgpu-emu daemon:"), "{ready:?}");
     let log = Arc::new(Mutex::new(String::new()));
     {
-        let (log, stderr) = (log.clone(), daemon.stderr.take().unwrap());
+        let (log, stderr) = (log.clone(), daemon.0.stderr.take().unwrap());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut l = log.lock().unwrap();
@@ -661,8 +675,8 @@ fn removing_an_instance_waits_for_the_running_guest_to_release_it() {
     guest.expect("device absent");
     guest.poweroff();
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    assert!(daemon.wait().unwrap().success());
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    assert!(daemon.0.wait().unwrap().success());
     let log = log.lock().unwrap();
     assert!(
         log.contains("cannot be asked") && log.contains("released the device after"),
