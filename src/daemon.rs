@@ -519,6 +519,36 @@ fn serve_control(line: &str, out: &mut Vec<u8>, manager: &SharedManager) -> std:
     writeln!(out, "{text}")
 }
 
+/// Raises the soft limit of open descriptors to the hard one: each instance holds about seven
+/// (sockets, poll instances, its VRAM memfd), so the common default soft limit of 1024 would
+/// stop a daemon at about 140 instances.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the live local `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let old = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads one rlimit from the live local `lim`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        info!(
+            "raised the open-descriptor limit from {old} to {}",
+            lim.rlim_max
+        );
+    } else {
+        warn!(
+            "cannot raise the open-descriptor limit from {old}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Sends one request to the daemon at `root`.
 pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
     let path = control_socket(root);
@@ -559,6 +589,7 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
         signal_hook::consts::SIGTERM,
     ])
     .map_err(CliError::Runtime)?;
+    raise_fd_limit();
     let root = &prepare_root(&config.root)?;
     let mut manager = Manager::new(catalog, config.parents.clone(), &root.join("run"))
         .map_err(CliError::Config)?;

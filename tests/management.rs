@@ -1094,3 +1094,39 @@ fn removing_an_instance_in_use_asks_its_client_to_release_it() {
     std::fs::write(&remove, "1").unwrap();
     assert!(t.elapsed() < Duration::from_secs(1));
 }
+
+/// A daemon holds about seven descriptors per instance: it raises its soft limit to the hard
+/// one at start, so a default soft limit of 1024 does not stop it at about 140 instances.
+#[test]
+#[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
+fn the_daemon_raises_its_descriptor_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=256:8192")
+        .arg(BIN)
+        .arg("daemon")
+        .arg("--root")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("vgpu-emu daemon:"), "{line:?}");
+    let d = Daemon {
+        child,
+        root: dir.path().to_path_buf(),
+        _dir: Some(dir),
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!((fields[3], fields[4]), ("8192", "8192"), "{open_files}");
+}
