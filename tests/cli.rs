@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::BIN;
+use common::{spawn_ready, BIN};
 
 /// Runs `vgpu-emu ARGS...` with no stdin.
 fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
@@ -343,22 +343,16 @@ fn serving_a_deprecated_version_warns() {
         &(lab(1, "64M") + "deprecated = true\n\n" + &lab(2, "32M")),
     );
     let socket = dir.path().join("vgpu.sock");
-    let mut child = Command::new(BIN)
-        .arg("--types-file")
-        .arg(&file)
-        .args(["serve", "--type", "LAB-32M@1", "--socket"])
-        .arg(&socket)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("vgpu-emu: serving LAB-32M@1 ("), "{line}");
+    let (mut child, _) = spawn_ready(
+        Command::new(BIN)
+            .arg("--types-file")
+            .arg(&file)
+            .args(["serve", "--type", "LAB-32M@1", "--socket"])
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped()),
+        "vgpu-emu: serving LAB-32M@1 (",
+    );
     // The warning is logged before the readiness line; stderr ends when the process does.
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();

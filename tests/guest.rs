@@ -547,20 +547,14 @@ fn guest_tests_are_gated_with_the_documented_reason() {
 #[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
 fn a_guest_boots_on_an_instance_created_through_the_mdev_tree() {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Command::new(BIN)
-        .arg("daemon")
-        .arg("--root")
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert!(ready.starts_with("vgpu-emu daemon:"), "{ready:?}");
+    let (mut daemon, _) = spawn_ready(
+        Command::new(BIN)
+            .arg("daemon")
+            .arg("--root")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn"),
+        "vgpu-emu daemon:",
+    );
     // As the kernel's mdev interface (and mdevctl) would: write a UUID to the type's `create`.
     let uuid = "33333333-0000-4000-8000-000000000001";
     let sys = dir.path().join("sys");

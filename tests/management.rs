@@ -12,7 +12,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{eventfd, eventfd_take, run_script, vgpu_emu_ok, wait_until, Peer, BIN, SET_IRQS};
+use common::{
+    eventfd, eventfd_take, run_script, spawn_ready, vgpu_emu_ok, wait_until, Peer, BIN, SET_IRQS,
+};
 use vgpu_model::Catalog;
 
 fn mdevctl_bin() -> &'static Path {
@@ -719,21 +721,15 @@ fn accept_failures_are_logged_rate_limited_and_retried() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let log_path = dir.path().join("daemon.log");
-    let mut child = Command::new(BIN)
-        .arg("daemon")
-        .arg("--root")
-        .arg(&root)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("vgpu-emu daemon:"), "{line:?}");
+    let (child, _) = spawn_ready(
+        Command::new(BIN)
+            .arg("daemon")
+            .arg("--root")
+            .arg(&root)
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+        "vgpu-emu daemon:",
+    );
     let d = Daemon {
         child,
         root: root.clone(),
@@ -978,23 +974,17 @@ fn a_deprecated_version_says_so_in_the_tree_and_the_log() {
     let types = dir.path().join("lab.toml");
     std::fs::write(&types, lab(1, "deprecated = true") + &lab(2, "")).unwrap();
     let root = dir.path().join("root");
-    let mut child = Command::new(BIN)
-        .arg("--types-file")
-        .arg(&types)
-        .arg("daemon")
-        .arg("--root")
-        .arg(&root)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("vgpu-emu daemon:"), "{line}");
+    let (child, _) = spawn_ready(
+        Command::new(BIN)
+            .arg("--types-file")
+            .arg(&types)
+            .arg("daemon")
+            .arg("--root")
+            .arg(&root)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped()),
+        "vgpu-emu daemon:",
+    );
     let name = |v: u32| {
         std::fs::read_to_string(root.join(format!(
             "sys/class/mdev_bus/emu0/mdev_supported_types/vgpu_emu-lab_32m-v{v}/name"
@@ -1101,22 +1091,16 @@ fn removing_an_instance_in_use_asks_its_client_to_release_it() {
 #[ignore = "needs root, FUSE and mdevctl (qemu-scripts/provision-mdevctl); run by the README's full test command"]
 fn the_daemon_raises_its_descriptor_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new("prlimit")
-        .arg("--nofile=256:8192")
-        .arg(BIN)
-        .arg("daemon")
-        .arg("--root")
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("vgpu-emu daemon:"), "{line:?}");
+    let (child, _) = spawn_ready(
+        Command::new("prlimit")
+            .arg("--nofile=256:8192")
+            .arg(BIN)
+            .arg("daemon")
+            .arg("--root")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn"),
+        "vgpu-emu daemon:",
+    );
     let d = Daemon {
         child,
         root: dir.path().to_path_buf(),

@@ -42,6 +42,23 @@ pub fn run_script(script: &str) -> String {
 }
 
 /// Runs `vgpu-emu ARGS...`, asserts it succeeded, and returns its stdout.
+/// Spawns `cmd` (stdin closed, stdout piped) and waits for its readiness line, which must start
+/// with `ready`. Returns the child and that line.
+pub fn spawn_ready(cmd: &mut Command, ready: &str) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with(ready), "{cmd:?} did not come up: {line:?}");
+    (child, line)
+}
+
 pub fn vgpu_emu_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
     let shown: Vec<String> = args
