@@ -556,32 +556,6 @@ fn a_client_that_stops_reading_stalls_only_itself() {
 
 // ---- A hostile client (each of these once broke, stalled or grew the server).
 
-/// Reads one reply together with the descriptors that came with it.
-fn read_reply_with_fds(p: &mut Peer) -> (Reply, Vec<std::os::fd::OwnedFd>) {
-    let mut buf = vec![0u8; 4096];
-    let mut have = 0;
-    let mut fds = Vec::new();
-    loop {
-        let got = vgpu_emu::scm::recv_with_fds(p.stream.as_raw_fd(), &mut buf[have..]).unwrap();
-        assert!(got.len > 0, "server closed");
-        fds.extend(got.fds);
-        have += got.len;
-        if have >= 16 {
-            let size = u32::from_le_bytes(buf[4..8].try_into().unwrap()) as usize;
-            if have >= size {
-                let r = Reply {
-                    id: u16::from_le_bytes([buf[0], buf[1]]),
-                    command: u16::from_le_bytes([buf[2], buf[3]]),
-                    flags: u32::from_le_bytes(buf[8..12].try_into().unwrap()),
-                    errno: u32::from_le_bytes(buf[12..16].try_into().unwrap()),
-                    payload: buf[16..size].to_vec(),
-                };
-                return (r, fds);
-            }
-        }
-    }
-}
-
 /// The VRAM fd handed out with region 0's info cannot be truncated or grown: a client that
 /// shrank it once made the next VRAM read (or screenshot) kill the server with SIGBUS.
 #[test]
@@ -591,7 +565,7 @@ fn a_client_cannot_resize_the_vram_it_was_handed() {
     let mut q = 64u32.to_le_bytes().to_vec();
     q.extend_from_slice(&[0; 28]);
     p.send_raw(&message(77, GET_REGION_INFO, 0, &q));
-    let (r, fds) = read_reply_with_fds(&mut p);
+    let (r, fds) = p.read_reply_with_fds();
     assert!(!r.is_error(), "{r:?}");
     assert_eq!(
         fds.len(),

@@ -222,6 +222,17 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// From a 16-byte header and the payload.
+    pub fn new(h: &[u8], payload: Vec<u8>) -> Reply {
+        Reply {
+            id: u16::from_le_bytes([h[0], h[1]]),
+            command: u16::from_le_bytes([h[2], h[3]]),
+            flags: u32::from_le_bytes(h[8..12].try_into().unwrap()),
+            errno: u32::from_le_bytes(h[12..16].try_into().unwrap()),
+            payload,
+        }
+    }
+
     pub fn is_error(&self) -> bool {
         self.flags & ERROR != 0
     }
@@ -310,13 +321,27 @@ impl Peer {
         assert!(size >= 16, "reply size {size}");
         let mut payload = vec![0; size - 16];
         self.stream.read_exact(&mut payload).unwrap();
-        Some(Reply {
-            id: u16::from_le_bytes([h[0], h[1]]),
-            command: u16::from_le_bytes([h[2], h[3]]),
-            flags: u32::from_le_bytes(h[8..12].try_into().unwrap()),
-            errno: u32::from_le_bytes(h[12..16].try_into().unwrap()),
-            payload,
-        })
+        Some(Reply::new(&h, payload))
+    }
+
+    /// A reply with the descriptors that came with it.
+    pub fn read_reply_with_fds(&mut self) -> (Reply, Vec<std::os::fd::OwnedFd>) {
+        let mut buf = vec![0u8; 4096];
+        let mut have = 0;
+        let mut fds = Vec::new();
+        loop {
+            let got =
+                vgpu_emu::scm::recv_with_fds(self.stream.as_raw_fd(), &mut buf[have..]).unwrap();
+            assert!(got.len > 0, "server closed");
+            fds.extend(got.fds);
+            have += got.len;
+            if have >= 16 {
+                let size = u32::from_le_bytes(buf[4..8].try_into().unwrap()) as usize;
+                if have >= size {
+                    return (Reply::new(&buf[..16], buf[16..size].to_vec()), fds);
+                }
+            }
+        }
     }
 
     /// Sends a command and reads its reply, checking the id matches.
