@@ -549,6 +549,10 @@ fn raise_fd_limit() {
     }
 }
 
+/// When the kernel still held entries of removed instances that could not be dropped (in use
+/// at the time), how long until they are tried again.
+const INVALIDATE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Sends one request to the daemon at `root`.
 pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
     let path = control_socket(root);
@@ -608,13 +612,48 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
     ];
     // Management stacks may run as other users than the daemon (as sysfs, it is world-readable).
     fuse_config.acl = fuser::SessionACL::All;
+    let tree = MdevFs::new(manager.clone());
+    let invalidator = tree.invalidator();
     let session =
-        fuser::spawn_mount(MdevFs::new(manager.clone()), &sys, &fuse_config).map_err(|source| {
-            CliError::Mount {
-                path: sys.clone(),
-                source,
-            }
+        fuser::spawn_mount(tree, &sys, &fuse_config).map_err(|source| CliError::Mount {
+            path: sys.clone(),
+            source,
         })?;
+    // The kernel is told to drop its entries of removed instances (see `Invalidator`), off the
+    // tree's own thread, which may be answering the very write that removed the instance.
+    {
+        let (tx, rx) = std::sync::mpsc::channel::<uuid::Uuid>();
+        let notifier = session.notifier();
+        std::thread::Builder::new()
+            .name("mdev-invalidate".into())
+            .spawn(move || {
+                use std::sync::mpsc::RecvTimeoutError;
+                // Idle (nothing stale): sleep until the next removal. Entries that could not be
+                // dropped yet (still in use): look again a little later.
+                let mut pending = false;
+                loop {
+                    let woke = if pending {
+                        rx.recv_timeout(INVALIDATE_RETRY)
+                    } else {
+                        rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                    };
+                    if let Err(RecvTimeoutError::Disconnected) = woke {
+                        return;
+                    }
+                    let stale = invalidator.stale_entries();
+                    pending = !stale.is_empty();
+                    for (dir, name) in stale {
+                        // ENOENT: the kernel had dropped it already.
+                        let _ = notifier.inval_entry(fuser::INodeNo(dir), name.as_ref());
+                    }
+                }
+            })
+            .map_err(CliError::Runtime)?;
+        manager
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notify_removals(tx);
+    }
     let control = {
         let m = manager.clone();
         ControlServer::spawn_with(ctl, "daemon-control", move |line, out| {

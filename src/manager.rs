@@ -378,6 +378,8 @@ pub struct Manager {
     instances: BTreeMap<Uuid, Managed>,
     /// How long a removal waits for a client to release the instance.
     release_timeout: Duration,
+    /// Told the UUID of every removed instance (the daemon drops the tree's entries of it).
+    removed: Option<std::sync::mpsc::Sender<Uuid>>,
 }
 
 /// How long a removal waits, by default, for the client to release the instance after the
@@ -466,6 +468,7 @@ impl Manager {
             run_dir: run_dir.to_path_buf(),
             instances: BTreeMap::new(),
             release_timeout: RELEASE_TIMEOUT,
+            removed: None,
         })
     }
 
@@ -666,12 +669,20 @@ impl Manager {
         let (parent, key) = (m.parent.clone(), m.ty.key());
         let attached = lock(&m.shared).client_since.is_some();
         m.shutdown();
+        if let Some(to) = &self.removed {
+            let _ = to.send(*uuid);
+        }
         if attached {
             warn!("removed {uuid} ({key}) from {parent}, disconnecting its client");
         } else {
             info!("removed {uuid} ({key}) from {parent}");
         }
         Ok(())
+    }
+
+    /// Sends the UUID of every instance removed from now on to `to`.
+    pub fn notify_removals(&mut self, to: std::sync::mpsc::Sender<Uuid>) {
+        self.removed = Some(to);
     }
 
     /// Sets how long a removal waits for a client to release an instance.

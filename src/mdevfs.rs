@@ -62,7 +62,7 @@ enum Node {
 #[derive(Debug)]
 pub struct MdevFs {
     manager: SharedManager,
-    inodes: Mutex<Inodes>,
+    inodes: Arc<Mutex<Inodes>>,
     started: SystemTime,
     /// Owner (uid, gid) of every node: the daemon's own, root when it runs as root.
     owner: (u32, u32),
@@ -322,7 +322,7 @@ impl MdevFs {
         let owner = unsafe { (libc::geteuid(), libc::getegid()) };
         MdevFs {
             manager,
-            inodes: Mutex::new(inodes),
+            inodes: Arc::new(Mutex::new(inodes)),
             started: SystemTime::now(),
             owner,
         }
@@ -330,6 +330,14 @@ impl MdevFs {
 
     fn inodes(&self) -> MutexGuard<'_, Inodes> {
         self.inodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What finds the kernel's entries of removed instances; see [`Invalidator`].
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator {
+            inodes: self.inodes.clone(),
+            manager: self.manager.clone(),
+        }
     }
 
     /// Attributes as sysfs has them: directories 0755, read-only files 0444, read-write files
@@ -414,6 +422,50 @@ impl MdevFs {
             }
             _ => Err(Errno::EACCES),
         }
+    }
+}
+
+/// Drops the kernel's cached entries of removed instances. The kernel keeps a looked-up entry
+/// (and so our inode for it) until it forgets it, which for an entry nobody touches again happens
+/// only under memory pressure: a daemon that creates and removes instances for its whole life
+/// would keep growing. So after a removal, and again a second later while any are left (an
+/// entry that is busy, such as the `remove` file whose write did the removal, cannot be dropped
+/// at once), the daemon asks the kernel to invalidate every entry it holds whose node no longer
+/// exists; the kernel then forgets them, and their inodes go.
+#[derive(Clone, Debug)]
+pub struct Invalidator {
+    inodes: Arc<Mutex<Inodes>>,
+    manager: SharedManager,
+}
+
+impl Invalidator {
+    /// (directory inode, name) of every entry the kernel holds whose node is gone, deepest
+    /// first.
+    pub fn stale_entries(&self) -> Vec<(u64, String)> {
+        let held: Vec<String> = {
+            let inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+            inodes
+                .nodes
+                .values()
+                .filter(|(_, n)| *n > 0)
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        let mut stale: Vec<String> = {
+            let m = lock(&self.manager);
+            held.into_iter()
+                .filter(|p| resolve_node(&m, p, false).is_none())
+                .collect()
+        };
+        stale.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+        let inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+        stale
+            .iter()
+            .filter_map(|p| {
+                let (dir, name) = p.rsplit_once('/')?;
+                inodes.by_path.get(dir).map(|&d| (d, name.to_string()))
+            })
+            .collect()
     }
 }
 
