@@ -6,7 +6,8 @@
 //! instance; CPU used by the daemon over 5 idle seconds; create latency (p50, p99, worst); and
 //! whether removals stall the tree (the worst latency of reading another parent's
 //! `available_instances` while instances are removed, against the same reads with nothing
-//! happening).
+//! happening); then memory across 3000 create/remove cycles of one instance (the daemon must
+//! not grow with the number of instances it has ever served).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -170,6 +171,22 @@ fn main() {
         fds(pid),
     );
 
+    // Churn: instances come and go for the daemon's whole life.
+    const CYCLES: usize = 3000;
+    let anon = || proc_field(pid, "RssAnon:");
+    let churn = |from: usize, to: usize| {
+        for i in from..to {
+            let u = uuid((1 << 41) + i);
+            std::fs::write(type_dir(&sys, 0).join("create"), &u).unwrap();
+            std::fs::read_to_string(dev(&u).join("frame_rate_limiter")).unwrap();
+            std::fs::write(dev(&u).join("remove"), "1").unwrap();
+        }
+    };
+    churn(0, 500);
+    let anon0 = anon();
+    churn(500, 500 + CYCLES);
+    let anon1 = anon();
+
     let per = |a: u64, b: u64| (b as f64 - a as f64) / n as f64;
     println!("vgpu-emu daemon at scale: {n} idle EMU-16M instances on {parents} parents\n");
     println!(
@@ -212,5 +229,9 @@ fn main() {
     println!(
         "after removing all: {:.1} MiB, {thr2} threads, {fd2} descriptors",
         rss2 as f64 / 1024.0
+    );
+    println!(
+        "churn             {CYCLES} create/remove cycles after 500: private memory {anon0} -> {anon1} KiB ({:+.1} KiB per 1000 cycles; goal 0)",
+        (anon1 as f64 - anon0 as f64) * 1000.0 / CYCLES as f64
     );
 }
