@@ -40,13 +40,22 @@ fn read_types_file(path: &Path) -> Result<String, CliError> {
         .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
-/// Loads the built-in catalog plus `files`, in order.
-pub fn load_catalog(files: &[PathBuf]) -> Result<Catalog, CliError> {
+/// Loads the built-in catalog plus `files`, in order, without checking lock files (for
+/// `vgpu-emu lock`, which checks them itself).
+pub fn load_unlocked(files: &[PathBuf]) -> Result<Catalog, CliError> {
     let mut catalog = Catalog::builtin()?;
     for path in files {
         let text = read_types_file(path)?;
         catalog.add_toml(&path.display().to_string(), &text)?;
     }
+    Ok(catalog)
+}
+
+/// Loads the built-in catalog plus `files`, in order, and checks the lock files that apply:
+/// `lock_file` (`--lock-file`) and each `FILE.lock` beside a type file (see [`crate::lock`]).
+pub fn load_catalog(files: &[PathBuf], lock_file: Option<&Path>) -> Result<Catalog, CliError> {
+    let catalog = load_unlocked(files)?;
+    crate::lock::verify_all(&catalog, files, lock_file)?;
     Ok(catalog)
 }
 

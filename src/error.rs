@@ -34,6 +34,9 @@ pub enum CliError {
     /// A type file (or the built-in table) is invalid.
     #[error("invalid vGPU type")]
     Catalog(#[from] CatalogError),
+    /// A lock file is bad, or a locked type version changed or is gone.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     /// A type name did not resolve.
     #[error(transparent)]
     Lookup(#[from] LookupError),
@@ -122,6 +125,7 @@ impl CliError {
             CliError::TypesFile { .. }
             | CliError::TypesFileTooLarge { .. }
             | CliError::Catalog(_)
+            | CliError::Lock(_)
             | CliError::Lookup(_)
             | CliError::NoDefaultType
             | CliError::NotServable { .. }
@@ -160,6 +164,7 @@ impl CliError {
             CliError::NotServable { servable, .. } => {
                 vec![format!("types this build serves: {servable}")]
             }
+            CliError::Lock(e) => e.hints(),
             _ => Vec::new(),
         }
     }

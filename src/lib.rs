@@ -11,6 +11,7 @@ pub mod dma;
 pub mod error;
 pub mod instance;
 pub mod irq;
+pub mod lock;
 pub mod manager;
 pub mod mdevfs;
 pub mod memfd;

@@ -25,6 +25,12 @@ struct Cli {
     #[arg(long = "types-file", value_name = "FILE", global = true)]
     types_files: Vec<PathBuf>,
 
+    /// Lock file of released user type versions (`vgpu-emu lock` writes it): refuse a locked
+    /// version of any --types-file that changed or is gone. A FILE.lock beside a --types-file
+    /// FILE is checked whenever it exists. With `lock`: the file to write.
+    #[arg(long = "lock-file", value_name = "LOCK", global = true)]
+    lock_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -74,6 +80,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pin the released versions of user types: write the ABI fingerprint of every version the
+    /// --types-file files define to a lock file that every command then checks.
+    ///
+    /// The lock file is --lock-file LOCK, else FILE.lock beside the one --types-file FILE. From
+    /// then on a locked version edited in place or deleted is refused (exit 2) wherever the type
+    /// file is loaded. `lock` only adds versions not locked yet; when a locked one changed or is
+    /// gone it refuses (exit 2) and leaves the file as it was: add a new version instead.
+    Lock,
     /// Show a running instance: type, client, display mode, counters.
     Status {
         /// The instance's vfio-user socket [default: the one `serve` uses by default,
@@ -260,17 +274,26 @@ fn run(cli: Cli) -> Result<u8, CliError> {
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     match command {
         Command::Diff { a, b, json } => {
-            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
             let (out, identical) = catalog_cmd::diff(&catalog, &a, &b, json)?;
             print(&out);
             return Ok(if identical { 0 } else { EXIT_DIFFERENT });
         }
+        Command::Lock => {
+            let catalog = catalog_cmd::load_unlocked(&cli.types_files)?;
+            print(&vgpu_emu::lock::lock(
+                &catalog,
+                &cli.types_files,
+                cli.lock_file.as_deref(),
+            )?);
+            Ok(())
+        }
         Command::Serve(args) => {
-            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
             serve::run(&catalog, &ServeConfig::try_from(args)?)
         }
         Command::Types { json } => {
-            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
             print(&catalog_cmd::types(&catalog, json)?);
             Ok(())
         }
@@ -280,7 +303,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             edid,
             config,
         } => {
-            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
             if edid.is_none() && config.is_none() {
                 print(&catalog_cmd::describe(&catalog, &name, json)?);
                 return Ok(0);
@@ -310,7 +333,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             autostart,
             release_timeout,
         } => {
-            let catalog = catalog_cmd::load_catalog(&cli.types_files)?;
+            let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
             let parents = if parents.is_empty() {
                 catalog
                     .families()

@@ -1,5 +1,5 @@
-//! The binary's command line: type resolution through `--types-file`, exit codes of bad input
-//! for every subcommand, and refusals of input that must not be accepted.
+//! The binary's command line: type resolution through `--types-file`, lock files of user types,
+//! exit codes of bad input for every subcommand, and refusals of input that must not be accepted.
 
 mod common;
 
@@ -427,4 +427,362 @@ fn status_and_screenshot_default_to_serves_socket() {
     drop(c);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The ABI fingerprint of `key` as the type file `text` defines it.
+fn fingerprint_in(text: &str, key: &str) -> String {
+    let mut c = vgpu_model::Catalog::builtin().unwrap();
+    c.add_toml("lab.toml", text).unwrap();
+    vgpu_model::fingerprint::fingerprint(c.resolve(key).unwrap()).to_string()
+}
+
+/// `vgpu-emu --types-file FILE [EXTRA...] ARGS...`.
+fn with_types(file: &Path, extra: &[&str], args: &[&str]) -> Vec<String> {
+    let mut v = vec!["--types-file".to_string(), file.display().to_string()];
+    v.extend(extra.iter().chain(args).map(|s| s.to_string()));
+    v
+}
+
+/// Spawns `vgpu-emu ARGS...` (a command that runs until stopped when it starts at all) and
+/// returns its exit code and stderr once it exits; it must exit within 20 s.
+fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut exited = false;
+    common::wait_until(
+        std::time::Duration::from_secs(21),
+        "vgpu-emu to exit",
+        || {
+            exited = child.try_wait().unwrap().is_some();
+            exited || std::time::Instant::now() >= deadline
+        },
+    );
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("vgpu-emu {args:?} kept running");
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), stderr(&out))
+}
+
+/// `lock` records the fingerprint `describe` prints, in FILE.lock, and the locked version is
+/// described and served as before.
+#[test]
+fn lock_then_describe_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = lab(1, "64M");
+    let file = write(dir.path(), "lab.toml", &text);
+    let fp = fingerprint_in(&text, "LAB-32M@1");
+    let out = run(&with_types(&file, &[], &["lock"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lock_path = dir.path().join("lab.toml.lock");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.starts_with(&format!(
+            "locked LAB-32M@1 {fp}\nwrote {}",
+            lock_path.display()
+        )),
+        "{printed}"
+    );
+    let lock = std::fs::read_to_string(&lock_path).unwrap();
+    assert!(lock.starts_with("# vgpu-emu lock file"), "{lock}");
+    assert!(
+        lock.ends_with(&format!("\n[locked]\n\"LAB-32M@1\" = \"{fp}\"\n")),
+        "{lock}"
+    );
+
+    let out = run(&with_types(
+        &file,
+        &[],
+        &["describe", "LAB-32M@1", "--json"],
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["fingerprint"], fp.as_str());
+
+    let socket = dir.path().join("vgpu.sock");
+    let (mut child, _) = spawn_ready(
+        Command::new(BIN)
+            .arg("--types-file")
+            .arg(&file)
+            .args(["serve", "--type", "LAB-32M@1", "--socket"])
+            .arg(&socket)
+            .env("RUST_LOG", "warn"),
+        "vgpu-emu: serving LAB-32M@1 (",
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A locked version edited in place (its framebuffer) is refused by every command that loads
+/// it, with the FILE.lock found beside the type file and no option.
+#[test]
+fn a_locked_version_edited_in_place_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = lab(1, "64M");
+    let file = write(dir.path(), "lab.toml", &old);
+    let out = run(&with_types(&file, &[], &["lock"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let new = lab(1, "32M");
+    write(dir.path(), "lab.toml", &new);
+    let want = format!(
+        "vgpu-emu: error: {}: LAB-32M@1 changed after it was locked in {}.lock (fingerprint {} \
+         now {}): a released version never changes; add LAB-32M@2 instead\n",
+        file.display(),
+        file.display(),
+        fingerprint_in(&old, "LAB-32M@1"),
+        fingerprint_in(&new, "LAB-32M@1"),
+    );
+    let d = dir.path().join("root");
+    let sock = dir.path().join("vgpu.sock");
+    for args in [
+        &["describe", "LAB-32M@1"][..],
+        &["types"],
+        &["diff", "LAB-32M@1", "EMU-64M"],
+        // Refused although the edited version is not the one named.
+        &["describe", "EMU-64M"],
+    ] {
+        let out = run(&with_types(&file, &[], args));
+        assert_eq!(out.status.code(), Some(USAGE), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).starts_with(&want),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    for args in [
+        &[
+            "serve",
+            "--type",
+            "LAB-32M@1",
+            "--socket",
+            sock.to_str().unwrap(),
+        ][..],
+        &["daemon", "--root", d.to_str().unwrap()],
+    ] {
+        let (code, err) = run_to_exit(&with_types(&file, &[], args));
+        assert_eq!(code, Some(USAGE), "{args:?}: {err}");
+        assert!(err.starts_with(&want), "{args:?}: {err}");
+    }
+    assert!(
+        !sock.exists() && !d.exists(),
+        "a refused type file touches nothing"
+    );
+}
+
+/// Re-locking after adding @2 adds @2 only: the @1 line stays as it was.
+#[test]
+fn relocking_adds_only_the_new_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "lab.toml", &lab(1, "64M"));
+    let lock_path = dir.path().join("lab.toml.lock");
+    let out = run(&with_types(&file, &[], &["lock"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = std::fs::read_to_string(&lock_path).unwrap();
+
+    let text = lab(1, "64M") + "\n" + &lab(2, "32M");
+    write(dir.path(), "lab.toml", &text);
+    let out = run(&with_types(&file, &[], &["lock"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let fp2 = fingerprint_in(&text, "LAB-32M@2");
+    assert!(
+        printed.starts_with(&format!("locked LAB-32M@2 {fp2}\nwrote ")),
+        "{printed}"
+    );
+    assert!(!printed.contains("LAB-32M@1"), "{printed}");
+    let after = std::fs::read_to_string(&lock_path).unwrap();
+    assert_eq!(after, before + &format!("\"LAB-32M@2\" = \"{fp2}\"\n"));
+
+    let out = run(&with_types(&file, &[], &["lock"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("nothing to add: "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(std::fs::read_to_string(&lock_path).unwrap(), after);
+}
+
+/// `lock` never changes an entry: a changed locked version makes it refuse, naming both
+/// fingerprints and what to do, and the lock file stays as it was.
+#[test]
+fn lock_refuses_a_changed_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = lab(1, "64M") + "\n" + &lab(2, "32M");
+    let file = write(dir.path(), "lab.toml", &old);
+    let lock_path = dir.path().join("lab.toml.lock");
+    let out = run(&with_types(&file, &[], &["lock"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = std::fs::read_to_string(&lock_path).unwrap();
+
+    let new = lab(1, "64M") + "\n" + &lab(2, "32M").replace("frl = 30", "frl = 60");
+    write(dir.path(), "lab.toml", &new);
+    let out = run(&with_types(&file, &[], &["lock"]));
+    assert_eq!(out.status.code(), Some(USAGE), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "LAB-32M@2 changed after it was locked in {} (fingerprint {} now {}): a released \
+             version never changes; add LAB-32M@3 instead\n",
+            lock_path.display(),
+            fingerprint_in(&old, "LAB-32M@2"),
+            fingerprint_in(&new, "LAB-32M@2"),
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("restore LAB-32M@2 as it was when locked"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&lock_path).unwrap(), before);
+}
+
+/// A locked version deleted from its type file is refused (deprecation is a flag, not a
+/// deletion); a version not locked yet may still go.
+#[test]
+fn a_removed_locked_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "lab.toml",
+        &(lab(1, "64M") + "\n" + &lab(2, "32M")),
+    );
+    let out = run(&with_types(&file, &[], &["lock"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    write(dir.path(), "lab.toml", &lab(2, "32M"));
+    let out = run(&with_types(&file, &[], &["describe", "LAB-32M@2"]));
+    assert_eq!(out.status.code(), Some(USAGE), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "LAB-32M@1 is locked in {}.lock but {} no longer define(s) it: a released version is \
+             never deleted; keep it, with `deprecated = true` to retire it",
+            file.display(),
+            file.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    // Deprecating instead is accepted; an unlocked @3 can come and go.
+    let text = lab(1, "64M") + "deprecated = true\n\n" + &lab(2, "32M") + "\n" + &lab(3, "128M");
+    write(dir.path(), "lab.toml", &text);
+    let out = run(&with_types(&file, &[], &["describe", "LAB-32M@3"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    write(
+        dir.path(),
+        "lab.toml",
+        &(lab(1, "64M") + "deprecated = true\n\n" + &lab(2, "32M")),
+    );
+    let out = run(&with_types(&file, &[], &["describe", "LAB-32M@1"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// With several type files, one `--lock-file` covers them all: `lock` needs it, and it is
+/// checked only where it is named (a FILE.lock beside a file is found without it).
+#[test]
+fn one_lock_file_for_several_type_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write(dir.path(), "a.toml", &lab(1, "64M"));
+    let b = write(
+        dir.path(),
+        "b.toml",
+        &lab(1, "32M").replace("LAB-32M", "LAB-B"),
+    );
+    let all = dir.path().join("all.lock");
+    let files = |args: &[&str]| {
+        let mut v = with_types(&a, &[], &[]);
+        v.extend(with_types(&b, &[], args));
+        v
+    };
+    assert_exit(
+        &files(&["lock"]),
+        USAGE,
+        "2 type files are given: name the one lock file for all of them with --lock-file LOCK",
+    );
+    assert!(!dir.path().join("a.toml.lock").exists());
+    let out = run(&files(&["lock", "--lock-file", all.to_str().unwrap()]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("locked LAB-32M@1 ") && printed.contains("locked LAB-B@1 "),
+        "{printed}"
+    );
+    let lock = std::fs::read_to_string(&all).unwrap();
+    assert!(lock.contains("types\n# in a.toml, b.toml,"), "{lock}");
+
+    write(
+        dir.path(),
+        "b.toml",
+        &lab(1, "64M").replace("LAB-32M", "LAB-B"),
+    );
+    assert_exit(
+        &files(&["--lock-file", all.to_str().unwrap(), "types"]),
+        USAGE,
+        &format!(
+            "{}: LAB-B@1 changed after it was locked in {}",
+            b.display(),
+            all.display()
+        ),
+    );
+    let out = run(&files(&["types"]));
+    assert!(
+        out.status.success(),
+        "not named, not found: {}",
+        stderr(&out)
+    );
+    // A named lock file must exist, and locks the types of some type file.
+    let missing = dir.path().join("missing.lock");
+    assert_exit(
+        &files(&["--lock-file", missing.to_str().unwrap(), "types"]),
+        USAGE,
+        &format!("cannot read lock file {}", missing.display()),
+    );
+    assert_exit(
+        &["--lock-file", all.to_str().unwrap(), "types"],
+        USAGE,
+        "no --types-file is given",
+    );
+    assert_exit(&["lock"], USAGE, "no --types-file is given");
+}
+
+/// A malformed, unreadable or endless lock file is bad input, refused with its file and line.
+#[test]
+fn a_bad_lock_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "lab.toml", &lab(1, "64M"));
+    let lock = write(
+        dir.path(),
+        "lab.toml.lock",
+        "# hand-written\n[locked]\n\"LAB-32M@1\" = \"sha256:3fa2\"\n",
+    );
+    let want = format!(
+        "vgpu-emu: error: invalid lock file: {}:3: `LAB-32M@1` = \"sha256:3fa2\" is not an ABI \
+         fingerprint",
+        lock.display()
+    );
+    assert_exit(&with_types(&file, &[], &["types"]), USAGE, &want);
+    assert_exit(&with_types(&file, &[], &["lock"]), USAGE, &want);
+    write(dir.path(), "lab.toml.lock", "# c\n[locked]\n[other]\n");
+    assert_exit(
+        &with_types(&file, &[], &["types"]),
+        USAGE,
+        &format!(
+            "invalid lock file: {}:3: unknown field `other`",
+            lock.display()
+        ),
+    );
+    assert_exit(
+        &with_types(&file, &["--lock-file", "/dev/zero"], &["types"]),
+        USAGE,
+        "lock file /dev/zero is larger than 1024 KiB",
+    );
 }
