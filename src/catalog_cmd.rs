@@ -13,6 +13,7 @@ use vgpu_model::vram::NullVram;
 use vgpu_model::{Catalog, Device, VgpuType};
 
 use crate::error::CliError;
+use crate::lock::Locked;
 
 /// Largest type file read: far above any real table (the built-in one is a few KiB), and small
 /// enough that `--types-file /dev/zero` or a never-ending pipe is refused at once.
@@ -54,9 +55,18 @@ pub fn load_unlocked(files: &[PathBuf]) -> Result<Catalog, CliError> {
 /// Loads the built-in catalog plus `files`, in order, and checks the lock files that apply:
 /// `lock_file` (`--lock-file`) and each `FILE.lock` beside a type file (see [`crate::lock`]).
 pub fn load_catalog(files: &[PathBuf], lock_file: Option<&Path>) -> Result<Catalog, CliError> {
+    Ok(load_locked(files, lock_file)?.0)
+}
+
+/// [`load_catalog`], and which user type versions the locks hold fixed (for `types` and
+/// `describe`).
+pub fn load_locked(
+    files: &[PathBuf],
+    lock_file: Option<&Path>,
+) -> Result<(Catalog, Locked), CliError> {
     let catalog = load_unlocked(files)?;
-    crate::lock::verify_all(&catalog, files, lock_file)?;
-    Ok(catalog)
+    let locked = crate::lock::verify_all(&catalog, files, lock_file)?;
+    Ok((catalog, locked))
 }
 
 /// Resolves `NAME`, `NAME@VERSION` or an mdev type directory (`vgpu_emu-emu_64m-v1`, as the
@@ -103,11 +113,16 @@ struct TypeView<'a> {
     served: bool,
     available_instances: u32,
     fingerprint: String,
+    /// The fingerprint is held fixed: a released built-in version, or a user version in a lock
+    /// file.
     released: bool,
+    /// The lock file that holds this user version fixed.
+    locked_in: Option<String>,
     edid_modes: Vec<Mode>,
 }
 
-fn view<'a>(catalog: &Catalog, ty: &'a VgpuType) -> TypeView<'a> {
+fn view<'a>(catalog: &Catalog, locked: &Locked, ty: &'a VgpuType) -> TypeView<'a> {
+    let locked_in = locked.lock_of(ty).map(|p| p.display().to_string());
     TypeView {
         key: ty.key(),
         ty,
@@ -119,7 +134,8 @@ fn view<'a>(catalog: &Catalog, ty: &'a VgpuType) -> TypeView<'a> {
         served: ty.personality.is_implemented(),
         available_instances: catalog.instances_on_empty_parent(ty),
         fingerprint: fingerprint(ty).to_string(),
-        released: fingerprint::is_released(ty),
+        released: fingerprint::is_released(ty) || locked_in.is_some(),
+        locked_in,
         edid_modes: edid::decode_modes(&edid::generate(ty, &[0; 16])).unwrap_or_default(),
     }
 }
@@ -137,6 +153,9 @@ fn flags(v: &TypeView<'_>) -> String {
     }
     if v.ty.source != vgpu_model::catalog::BUILTIN_SOURCE {
         f.push("user");
+        if v.locked_in.is_none() {
+            f.push("unlocked");
+        }
     }
     if f.is_empty() {
         "-".to_string()
@@ -145,9 +164,13 @@ fn flags(v: &TypeView<'_>) -> String {
     }
 }
 
-/// `vgpu-emu types`.
-pub fn types(catalog: &Catalog, json: bool) -> Result<String, CliError> {
-    let views: Vec<TypeView<'_>> = catalog.types().iter().map(|t| view(catalog, t)).collect();
+/// `vgpu-emu types`; `locked` marks the user versions a lock file holds fixed.
+pub fn types(catalog: &Catalog, locked: &Locked, json: bool) -> Result<String, CliError> {
+    let views: Vec<TypeView<'_>> = catalog
+        .types()
+        .iter()
+        .map(|t| view(catalog, locked, t))
+        .collect();
     if json {
         return Ok(serde_json::to_string_pretty(&views)? + "\n");
     }
@@ -238,10 +261,16 @@ fn bar_line(b: &BarSpec) -> String {
     )
 }
 
-/// `vgpu-emu describe NAME[@VERSION]`.
-pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, CliError> {
+/// `vgpu-emu describe NAME[@VERSION]`; `locked` says which user versions a lock file holds
+/// fixed.
+pub fn describe(
+    catalog: &Catalog,
+    locked: &Locked,
+    spec: &str,
+    json: bool,
+) -> Result<String, CliError> {
     let ty = resolve(catalog, spec)?;
-    let v = view(catalog, ty);
+    let v = view(catalog, locked, ty);
     if json {
         return Ok(serde_json::to_string_pretty(&v)? + "\n");
     }
@@ -353,20 +382,13 @@ pub fn describe(catalog: &Catalog, spec: &str, json: bool) -> Result<String, Cli
             ty.max_instances, v.available_instances
         ),
     );
-    kv(
-        "ABI fingerprint",
-        format!(
-            "{} ({})",
-            v.fingerprint,
-            if v.released {
-                "released: held fixed"
-            } else if ty.source == vgpu_model::catalog::BUILTIN_SOURCE {
-                "not released yet"
-            } else {
-                "user type"
-            }
-        ),
-    );
+    let pinned = match &v.locked_in {
+        Some(lock) => format!("locked in {lock}: held fixed"),
+        None if v.released => "released: held fixed".into(),
+        None if ty.source == vgpu_model::catalog::BUILTIN_SOURCE => "not released yet".into(),
+        None => "user type, not locked: not released yet (`vgpu-emu lock` pins it)".into(),
+    };
+    kv("ABI fingerprint", format!("{} ({pinned})", v.fingerprint));
     kv("defined in", ty.source.clone());
     Ok(header + &out)
 }
@@ -595,7 +617,7 @@ mod tests {
     #[test]
     fn types_lists_every_version_with_nvidia_descriptions() {
         let c = Catalog::builtin().unwrap();
-        let out = types(&c, false).unwrap();
+        let out = types(&c, &Locked::default(), false).unwrap();
         for t in c.types() {
             let row = out
                 .lines()
@@ -604,7 +626,8 @@ mod tests {
             assert!(row.ends_with(&t.nvidia_description()), "{row}");
         }
         assert!(out.contains("num_heads=4, frl_config=60, framebuffer=2048M, max_resolution=2560x1600, max_instance=4"));
-        let json: serde_json::Value = serde_json::from_str(&types(&c, true).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&types(&c, &Locked::default(), true).unwrap()).unwrap();
         assert_eq!(json.as_array().unwrap().len(), c.types().len());
     }
 
@@ -634,19 +657,20 @@ max_instances = 8
         // @2 has the smaller framebuffer, so it sorts before @1 in the table.
         c.add_toml("lab.toml", &(lab(1, "64M", "") + &lab(2, "32M", "")))
             .unwrap();
-        let out = describe(&c, "LAB-32M", false).unwrap();
+        let out = describe(&c, &Locked::default(), "LAB-32M", false).unwrap();
         assert!(
             out.starts_with("LAB-32M@2  (newest version of LAB-32M)"),
             "{out}"
         );
         assert!(out.contains("framebuffer         32M"), "{out}");
-        let out = describe(&c, "LAB-32M@1", false).unwrap();
+        let out = describe(&c, &Locked::default(), "LAB-32M@1", false).unwrap();
         assert!(
             out.starts_with("LAB-32M@1  (an older version; a bare LAB-32M resolves to LAB-32M@2)"),
             "{out}"
         );
         let json: serde_json::Value =
-            serde_json::from_str(&describe(&c, "LAB-32M", true).unwrap()).unwrap();
+            serde_json::from_str(&describe(&c, &Locked::default(), "LAB-32M", true).unwrap())
+                .unwrap();
         assert_eq!(
             (json["version"].as_u64(), json["resolves_bare"].as_bool()),
             (Some(2), Some(true))
@@ -658,14 +682,14 @@ max_instances = 8
             &(lab(1, "64M", "") + &lab(2, "32M", "") + &lab(3, "64M", "deprecated = true")),
         )
         .unwrap();
-        let out = describe(&c, "LAB-32M", false).unwrap();
+        let out = describe(&c, &Locked::default(), "LAB-32M", false).unwrap();
         assert!(
             out.starts_with(
                 "LAB-32M@2  (what a bare LAB-32M resolves to (newer versions are deprecated))"
             ),
             "{out}"
         );
-        let out = describe(&c, "LAB-32M@3", false).unwrap();
+        let out = describe(&c, &Locked::default(), "LAB-32M@3", false).unwrap();
         assert!(
             out.starts_with(
                 "LAB-32M@3  (newest version; a bare LAB-32M resolves to LAB-32M@2; DEPRECATED)"
@@ -742,12 +766,12 @@ max_instances = 8
     #[test]
     fn describe_and_diff_accept_a_type_directory() {
         let c = Catalog::builtin().unwrap();
-        let out = describe(&c, "vgpu_emu-emu_64m-v1", false).unwrap();
+        let out = describe(&c, &Locked::default(), "vgpu_emu-emu_64m-v1", false).unwrap();
         assert!(out.starts_with("EMU-64M@1  ("), "{out}");
         let (_, identical) = diff(&c, "vgpu_emu-m60_2q-v1", "M60-2Q@1", false).unwrap();
         assert!(identical);
         assert!(matches!(
-            describe(&c, "vgpu_emu-emu_64m-v9", false),
+            describe(&c, &Locked::default(), "vgpu_emu-emu_64m-v9", false),
             Err(CliError::Lookup(_))
         ));
     }
@@ -783,6 +807,66 @@ max_instances = 8
         assert_eq!(edid[..8], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
     }
 
+    /// A user version a lock file holds fixed is `released` and names its lock; one that is not
+    /// locked is flagged `unlocked`.
+    #[test]
+    fn types_and_describe_say_which_user_versions_are_locked() {
+        use crate::lock::{Lock, LockFile};
+        let mut c = Catalog::builtin().unwrap();
+        c.add_toml("lab.toml", &(lab(1, "64M", "") + &lab(2, "32M", "")))
+            .unwrap();
+        let lock = Lock {
+            path: "lab.toml.lock".into(),
+            covers: vec!["lab.toml".into()],
+        };
+        let fp = fingerprint(c.resolve("LAB-32M@1").unwrap()).to_string();
+        let file = LockFile::parse(
+            "lab.toml.lock",
+            &format!("[locked]\n\"LAB-32M@1\" = \"{fp}\"\n"),
+        )
+        .unwrap();
+        let mut held = Locked::default();
+        crate::lock::verify(&c, &lock, &file, &mut held).unwrap();
+
+        let out = types(&c, &held, false).unwrap();
+        let row = |key: &str| {
+            out.lines()
+                .find(|l| l.starts_with(&format!("{key} ")))
+                .unwrap()
+                .to_string()
+        };
+        assert!(row("LAB-32M@1").contains(" user "), "{out}");
+        assert!(row("LAB-32M@2").contains(" user,unlocked "), "{out}");
+        assert!(row("EMU-64M@1").contains(" default "), "{out}");
+        let out = describe(&c, &held, "LAB-32M@1", false).unwrap();
+        assert!(
+            out.contains(&format!(
+                "ABI fingerprint     {fp} (locked in lab.toml.lock: held fixed)\n"
+            )),
+            "{out}"
+        );
+        let out = describe(&c, &held, "LAB-32M@2", false).unwrap();
+        assert!(
+            out.contains(" (user type, not locked: not released yet"),
+            "{out}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&describe(&c, &held, "LAB-32M@1", true).unwrap()).unwrap();
+        assert_eq!(
+            (&json["released"], &json["locked_in"]),
+            (
+                &serde_json::json!(true),
+                &serde_json::json!("lab.toml.lock")
+            )
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&describe(&c, &held, "LAB-32M@2", true).unwrap()).unwrap();
+        assert_eq!(
+            (&json["released"], &json["locked_in"]),
+            (&serde_json::json!(false), &serde_json::Value::Null)
+        );
+    }
+
     #[test]
     fn deprecation_shows_in_types_describe_and_the_warning() {
         let mut c = Catalog::builtin().unwrap();
@@ -792,18 +876,19 @@ max_instances = 8
         )
         .unwrap();
         let old = c.resolve("LAB-32M@1").unwrap();
-        let out = types(&c, false).unwrap();
+        let out = types(&c, &Locked::default(), false).unwrap();
         let row = out.lines().find(|l| l.starts_with("LAB-32M@1 ")).unwrap();
-        assert!(row.contains(" deprecated,user "), "{row}");
+        assert!(row.contains(" deprecated,user,unlocked "), "{row}");
         let row = out.lines().find(|l| l.starts_with("LAB-32M@2 ")).unwrap();
         assert!(!row.contains("deprecated"), "{row}");
-        let json: serde_json::Value = serde_json::from_str(&types(&c, true).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&types(&c, &Locked::default(), true).unwrap()).unwrap();
         assert!(json
             .as_array()
             .unwrap()
             .iter()
             .any(|t| t["key"] == "LAB-32M@1" && t["deprecated"] == true));
-        let out = describe(&c, "LAB-32M@1", false).unwrap();
+        let out = describe(&c, &Locked::default(), "LAB-32M@1", false).unwrap();
         assert!(
             out.starts_with(
                 "LAB-32M@1  (an older version; a bare LAB-32M resolves to LAB-32M@2; DEPRECATED)"
@@ -826,7 +911,7 @@ max_instances = 8
     #[test]
     fn describe_shows_the_pinned_abi() {
         let c = Catalog::builtin().unwrap();
-        let out = describe(&c, "EMU-1G", false).unwrap();
+        let out = describe(&c, &Locked::default(), "EMU-1G", false).unwrap();
         assert!(out.starts_with("EMU-1G@1  ("), "{out}");
         for needle in [
             "PCI ID              1234:1111",
@@ -840,7 +925,8 @@ max_instances = 8
             assert!(out.contains(needle), "missing {needle:?} in\n{out}");
         }
         let json: serde_json::Value =
-            serde_json::from_str(&describe(&c, "M60-2Q@1", true).unwrap()).unwrap();
+            serde_json::from_str(&describe(&c, &Locked::default(), "M60-2Q@1", true).unwrap())
+                .unwrap();
         assert_eq!(json["num_heads"], 4);
         assert_eq!(json["pci"]["device"], 0x1050);
         assert_eq!(json["served"], false);

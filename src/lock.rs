@@ -374,6 +374,17 @@ pub fn applicable(types_files: &[PathBuf], explicit: Option<&Path>) -> Vec<Lock>
     locks
 }
 
+/// Which user type versions the checked locks hold fixed: type key -> lock file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Locked(BTreeMap<String, PathBuf>);
+
+impl Locked {
+    /// The lock file that holds `ty` fixed, if one does.
+    pub fn lock_of(&self, ty: &VgpuType) -> Option<&Path> {
+        self.0.get(&ty.key()).map(PathBuf::as_path)
+    }
+}
+
 /// The type versions `covers` define.
 fn covered<'a>(catalog: &'a Catalog, covers: &[PathBuf]) -> Vec<&'a VgpuType> {
     let sources: Vec<String> = covers.iter().map(|p| p.display().to_string()).collect();
@@ -395,8 +406,14 @@ fn display_files(files: &[PathBuf]) -> String {
         .join(", ")
 }
 
-/// Checks that every version `file` locks is defined by `lock.covers` with its fingerprint.
-pub fn verify(catalog: &Catalog, lock: &Lock, file: &LockFile) -> Result<(), LockError> {
+/// Checks that every version `file` locks is defined by `lock.covers` with its fingerprint,
+/// and records them in `held`.
+pub fn verify(
+    catalog: &Catalog,
+    lock: &Lock,
+    file: &LockFile,
+    held: &mut Locked,
+) -> Result<(), LockError> {
     let types = covered(catalog, &lock.covers);
     for (key, locked) in &file.entries {
         let Some(ty) = types.iter().find(|t| key.names(t)) else {
@@ -424,17 +441,19 @@ pub fn verify(catalog: &Catalog, lock: &Lock, file: &LockFile) -> Result<(), Loc
                 next: format!("{}@{}", ty.name, newest.saturating_add(1)),
             })));
         }
+        held.0.insert(ty.key(), lock.path.clone());
     }
     Ok(())
 }
 
-/// Checks every lock that applies to `types_files` (see [`applicable`]). A named lock file
-/// must exist; a lock file with no type file is refused.
+/// Checks every lock that applies to `types_files` (see [`applicable`]) and returns what they
+/// hold fixed. A named lock file must exist; a lock file with no type file is refused.
 pub fn verify_all(
     catalog: &Catalog,
     types_files: &[PathBuf],
     explicit: Option<&Path>,
-) -> Result<(), LockError> {
+) -> Result<Locked, LockError> {
+    let mut locked = Locked::default();
     if explicit.is_some() && types_files.is_empty() {
         return Err(LockError::NoTypesFile);
     }
@@ -443,9 +462,9 @@ pub fn verify_all(
             path: lock.path.clone(),
             source: std::io::Error::from_raw_os_error(libc::ENOENT),
         })?;
-        verify(catalog, &lock, &file)?;
+        verify(catalog, &lock, &file, &mut locked)?;
     }
-    Ok(())
+    Ok(locked)
 }
 
 /// `vgpu-emu lock`: adds every version `types_files` define that is not locked yet to the lock
@@ -467,7 +486,7 @@ pub fn lock(
             continue;
         }
         if let Some(file) = read(&other.path)? {
-            verify(catalog, &other, &file)?;
+            verify(catalog, &other, &file, &mut Locked::default())?;
         }
     }
     let existed = read(&target)?;
@@ -476,7 +495,7 @@ pub fn lock(
         path: target.clone(),
         covers: types_files.to_vec(),
     };
-    verify(catalog, &here, &file)?;
+    verify(catalog, &here, &file, &mut Locked::default())?;
     let mut out = String::new();
     for ty in covered(catalog, types_files) {
         if file.get(ty).is_none() {

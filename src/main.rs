@@ -293,8 +293,9 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             serve::run(&catalog, &ServeConfig::try_from(args)?)
         }
         Command::Types { json } => {
-            let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
-            print(&catalog_cmd::types(&catalog, json)?);
+            let (catalog, locked) =
+                catalog_cmd::load_locked(&cli.types_files, cli.lock_file.as_deref())?;
+            print(&catalog_cmd::types(&catalog, &locked, json)?);
             Ok(())
         }
         Command::Describe {
@@ -303,9 +304,10 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             edid,
             config,
         } => {
-            let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
+            let (catalog, locked) =
+                catalog_cmd::load_locked(&cli.types_files, cli.lock_file.as_deref())?;
             if edid.is_none() && config.is_none() {
-                print(&catalog_cmd::describe(&catalog, &name, json)?);
+                print(&catalog_cmd::describe(&catalog, &locked, &name, json)?);
                 return Ok(0);
             }
             let stdout = Path::new("-");

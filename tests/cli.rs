@@ -507,6 +507,8 @@ fn lock_then_describe_and_serve() {
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["fingerprint"], fp.as_str());
+    assert_eq!(json["released"], true);
+    assert_eq!(json["locked_in"], lock_path.display().to_string());
 
     let socket = dir.path().join("vgpu.sock");
     let (mut child, _) = spawn_ready(
