@@ -66,7 +66,7 @@ pub enum LockError {
     Changed(Box<Changed>),
     /// A locked version is no longer defined.
     #[error(
-        "{key} is locked in {} but {files} no longer define(s) it: a released version is never \
+        "{key} is locked in {} but no longer defined in {files}: a released version is never \
          deleted; keep it, with `deprecated = true` to retire it",
         lock.display()
     )]
@@ -79,10 +79,16 @@ pub enum LockError {
         files: String,
     },
     /// A lock file is named but no type file is given.
-    #[error("a lock file holds the fingerprints of the types in type files, but no --types-file is given")]
+    #[error(
+        "a lock file holds the fingerprints of the types in type files, but no --types-file is \
+         given"
+    )]
     NoTypesFile,
     /// `lock` with several type files and no `--lock-file`.
-    #[error("{count} type files are given: name the one lock file for all of them with --lock-file LOCK")]
+    #[error(
+        "{count} type files are given: name the one lock file for all of them with --lock-file \
+         LOCK"
+    )]
     NeedsLockFile {
         /// How many type files.
         count: usize,
@@ -96,9 +102,15 @@ impl LockError {
             LockError::Changed(c) => {
                 let (key, next) = (&c.key, &c.next);
                 vec![
-                format!("restore {key} as it was when locked and make the change in a new type record {next}"),
-                format!("then `vgpu-emu lock` (with the same --types-file and --lock-file) adds {next}; it never changes an entry"),
-            ]
+                    format!(
+                        "restore {key} as it was when locked and make the change in a new type \
+                         record {next}"
+                    ),
+                    format!(
+                        "then `vgpu-emu lock` (with the same --types-file and --lock-file) adds \
+                         {next}; it never changes an entry"
+                    ),
+                ]
             }
             _ => Vec::new(),
         }

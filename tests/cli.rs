@@ -666,7 +666,7 @@ fn a_removed_locked_version_is_refused() {
     assert_eq!(out.status.code(), Some(USAGE), "{}", stderr(&out));
     assert!(
         stderr(&out).contains(&format!(
-            "LAB-32M@1 is locked in {}.lock but {} no longer define(s) it: a released version is \
+            "LAB-32M@1 is locked in {}.lock but no longer defined in {}: a released version is \
              never deleted; keep it, with `deprecated = true` to retire it",
             file.display(),
             file.display()
