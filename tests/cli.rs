@@ -456,6 +456,7 @@ fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut exited = false;
+    // Stops at the deadline rather than panicking inside, so a child that runs is killed.
     common::wait_until(
         std::time::Duration::from_secs(21),
         "vgpu-emu to exit",
