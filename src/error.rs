@@ -36,7 +36,7 @@ pub enum CliError {
     Catalog(#[from] CatalogError),
     /// A lock file is bad, or a locked type version changed or is gone.
     #[error(transparent)]
-    Lock(#[from] crate::lock::LockError),
+    Lock(#[from] crate::cli::lock::LockError),
     /// A type name did not resolve.
     #[error(transparent)]
     Lookup(#[from] LookupError),
@@ -63,13 +63,13 @@ pub enum CliError {
     BadUuid(String),
     /// The socket path cannot be used.
     #[error(transparent)]
-    Socket(#[from] crate::socket::SocketError),
+    Socket(#[from] crate::sys::socket::SocketError),
     /// The instance could not be created.
     #[error("cannot create the instance")]
     Instance(#[from] crate::instance::InstanceError),
     /// A control request failed.
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] crate::manage::control::ControlError),
     /// The daemon refused a request.
     #[error("{message}")]
     Refused {
@@ -101,7 +101,7 @@ pub enum CliError {
     Config(String),
     /// The daemon's root cannot be used.
     #[error(transparent)]
-    Root(#[from] crate::daemon::RootError),
+    Root(#[from] crate::manage::daemon::RootError),
     /// The FUSE tree could not be mounted.
     #[error("cannot mount the mdev tree at {}", path.display())]
     Mount {

@@ -12,7 +12,7 @@ use vgpu_model::device::AccessCounters;
 use vgpu_model::scanout::{Frame, NotDisplaying};
 use vgpu_model::{Device, DeviceError, VgpuType};
 
-use crate::memfd::{MemfdVram, VramView};
+use crate::sys::memfd::{MemfdVram, VramView};
 
 /// Protocol-level counters of the vfio-user server, as `status` reports them.
 #[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]

@@ -1,23 +1,28 @@
 //! vgpu-emu: emulated mediated vGPU devices served to VMs over vfio-user.
 //!
-//! Data flows socket -> [`server`] -> [`instance`] -> `vgpu_model` and back; the server never
-//! interprets a register and the model never sees a socket.
+//! Data flows socket -> [`vfio_user::server`] -> [`instance`] -> `vgpu_model` and back; the
+//! server never interprets a register and the model never sees a socket.
+//!
+//! - [`vfio_user`]: wire format, descriptors, the server, DMA maps, interrupts
+//! - [`instance`]: a served device and what it reports
+//! - [`manage`]: the manager, the mdev tree, the daemon, control endpoints
+//! - [`display`]: frames out of an instance (PNG today)
+//! - [`sys`]: sealed memfds and mappings, sockets
+//! - [`cli`]: the catalog commands, lock files, `serve`
+//!
+//! The modules are also re-exported at the top level under their own names
+//! (`vgpu_emu::server`, `vgpu_emu::memfd`, ...), the paths tests, benchmarks and fuzz targets use.
 
-pub mod catalog_cmd;
-pub mod control;
-pub mod daemon;
+pub mod cli;
 pub mod display;
-pub mod dma;
 pub mod error;
 pub mod instance;
-pub mod irq;
-pub mod lock;
-pub mod manager;
-pub mod mdevfs;
-pub mod memfd;
-pub mod protocol;
+pub mod manage;
 pub mod ratelimit;
-pub mod scm;
-pub mod serve;
-pub mod server;
-pub mod socket;
+pub mod sys;
+pub mod vfio_user;
+
+pub use cli::{catalog_cmd, lock, serve};
+pub use manage::{control, daemon, manager, mdevfs};
+pub use sys::{memfd, socket};
+pub use vfio_user::{dma, irq, protocol, scm, server};

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
+use vgpu_emu::cli::serve::{self, ServeConfig};
 use vgpu_emu::error::{CliError, EXIT_DIFFERENT};
-use vgpu_emu::serve::{self, ServeConfig};
-use vgpu_emu::socket::control_path;
+use vgpu_emu::sys::socket::control_path;
 use vgpu_emu::{catalog_cmd, control};
 
 /// Emulated mediated vGPU devices, served to virtual machines over vfio-user.
@@ -108,13 +108,13 @@ enum Command {
         /// digits and `-_.:`, starting with a letter or digit) [default: one parent per type
         /// family: emu0=emu, m60-0=m60].
         #[arg(long = "parent", value_name = "NAME=FAMILY")]
-        parents: Vec<vgpu_emu::manager::ParentSpec>,
+        parents: Vec<vgpu_emu::manage::manager::ParentSpec>,
         /// Start the definitions in ROOT/etc/mdevctl.d marked "start": "auto".
         #[arg(long)]
         autostart: bool,
         /// How long removing an instance that a client uses waits for the client to release
         /// it after asking (the VFIO request interrupt), before failing with EBUSY.
-        #[arg(long, value_name = "SECONDS", default_value_t = vgpu_emu::manager::RELEASE_TIMEOUT.as_secs_f64())]
+        #[arg(long, value_name = "SECONDS", default_value_t = vgpu_emu::manage::manager::RELEASE_TIMEOUT.as_secs_f64())]
         release_timeout: f64,
     },
     /// List a daemon's instances.
@@ -281,7 +281,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Lock => {
             let catalog = catalog_cmd::load_unlocked(&cli.types_files)?;
-            print(&vgpu_emu::lock::lock(
+            print(&vgpu_emu::cli::lock::lock(
                 &catalog,
                 &cli.types_files,
                 cli.lock_file.as_deref(),
@@ -346,7 +346,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                         } else {
                             ""
                         };
-                        vgpu_emu::manager::ParentSpec {
+                        vgpu_emu::manage::manager::ParentSpec {
                             name: format!("{}{sep}0", f.name),
                             family: f.name.clone(),
                         }
@@ -355,18 +355,18 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             } else {
                 parents
             };
-            let config = vgpu_emu::daemon::DaemonConfig {
-                root: root.unwrap_or_else(vgpu_emu::daemon::default_root),
+            let config = vgpu_emu::manage::daemon::DaemonConfig {
+                root: root.unwrap_or_else(vgpu_emu::manage::daemon::default_root),
                 parents,
                 autostart,
                 release_timeout: std::time::Duration::try_from_secs_f64(release_timeout)
                     .map_err(|e| CliError::Config(format!("--release-timeout: {e}")))?,
             };
-            vgpu_emu::daemon::run(catalog, &config)
+            vgpu_emu::manage::daemon::run(catalog, &config)
         }
         Command::List { root, json } => {
-            let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
-            let reply = vgpu_emu::daemon::request(&root, &vgpu_emu::daemon::Request::List)?;
+            let root = root.unwrap_or_else(vgpu_emu::manage::daemon::default_root);
+            let reply = vgpu_emu::manage::daemon::request(&root, &vgpu_emu::manage::daemon::Request::List)?;
             let list = reply.instances.unwrap_or_default();
             if json {
                 print(&(serde_json::to_string_pretty(&list)? + "\n"));
@@ -395,18 +395,18 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             if let Some(u) = &uuid {
                 Uuid::parse_str(u).map_err(|_| CliError::BadUuid(u.clone()))?;
             }
-            let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
-            let reply = vgpu_emu::daemon::request(
+            let root = root.unwrap_or_else(vgpu_emu::manage::daemon::default_root);
+            let reply = vgpu_emu::manage::daemon::request(
                 &root,
-                &vgpu_emu::daemon::Request::Create { parent, ty, uuid },
+                &vgpu_emu::manage::daemon::Request::Create { parent, ty, uuid },
             )?;
             print(&format!("{}\n", reply.uuid.unwrap_or_default()));
             Ok(())
         }
         Command::Remove { root, uuid } => {
             Uuid::parse_str(&uuid).map_err(|_| CliError::BadUuid(uuid.clone()))?;
-            let root = root.unwrap_or_else(vgpu_emu::daemon::default_root);
-            vgpu_emu::daemon::request(&root, &vgpu_emu::daemon::Request::Remove { uuid })?;
+            let root = root.unwrap_or_else(vgpu_emu::manage::daemon::default_root);
+            vgpu_emu::manage::daemon::request(&root, &vgpu_emu::manage::daemon::Request::Remove { uuid })?;
             Ok(())
         }
         Command::Status { socket, json } => {

@@ -16,7 +16,7 @@
 //!     frame_rate_limiter                       (read/write 0 or 1; not guest ABI)
 //! ```
 //!
-//! Modes and ownership are sysfs's (see [`MdevFs::attr`]) and the kernel enforces them
+//! Modes and ownership are sysfs's (see `MdevFs::attr`) and the kernel enforces them
 //! (`default_permissions`): every user may read the tree, only the daemon's user and root may
 //! create, remove or change an instance.
 //!
@@ -40,7 +40,7 @@ use fuser::{
 };
 use uuid::Uuid;
 
-use crate::manager::{ManageError, Manager, DEVICE_API};
+use crate::manage::manager::{ManageError, Manager, DEVICE_API};
 
 /// The manager as the filesystem and the daemon's control thread share it.
 pub type SharedManager = Arc<Mutex<Manager>>;
@@ -474,7 +474,7 @@ enum Written {
     /// It took effect.
     Done,
     /// A removal waits for the instance's client to release it.
-    Release(crate::manager::Release),
+    Release(crate::manage::manager::Release),
 }
 
 impl Filesystem for MdevFs {
@@ -717,7 +717,7 @@ mod tests {
             "the root is never forgotten"
         );
     }
-    use crate::manager::ParentSpec;
+    use crate::manage::manager::ParentSpec;
     use vgpu_model::Catalog;
 
     #[test]

@@ -18,11 +18,11 @@ use serde::Serialize;
 use uuid::Uuid;
 use vgpu_model::{Catalog, VgpuType};
 
-use crate::control::ControlServer;
 use crate::instance::{lock, Instance, SharedInstance};
-use crate::irq::Signalled;
-use crate::server::{Server, StopHandle};
-use crate::socket::{self, control_path, RemoveOnDrop};
+use crate::manage::control::ControlServer;
+use crate::sys::socket::{self, control_path, RemoveOnDrop};
+use crate::vfio_user::irq::Signalled;
+use crate::vfio_user::server::{Server, StopHandle};
 
 /// The `device_api` every type reports.
 pub const DEVICE_API: &str = "vfio-pci";
@@ -501,7 +501,7 @@ impl Manager {
         self.catalog.types().get(i)
     }
 
-    /// The type directory `spec` names on `parent`: a type directory itself, or NAME[@VERSION]
+    /// The type directory `spec` names on `parent`: a type directory itself, or `NAME[@VERSION]`
     /// resolved as everywhere else (a bare name: the newest non-deprecated version).
     pub fn resolve_type_dir(&self, parent: &str, spec: &str) -> Option<String> {
         if self.type_by_dir(parent, spec).is_some() {
@@ -641,7 +641,7 @@ impl Manager {
             ty.key(),
             socket.display()
         );
-        if let Some(warning) = crate::catalog_cmd::deprecation_warning(&self.catalog, &ty) {
+        if let Some(warning) = crate::cli::catalog_cmd::deprecation_warning(&self.catalog, &ty) {
             warn!("{uuid}: {warning}");
         }
         self.instances.insert(

@@ -25,11 +25,11 @@ use std::time::Duration;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::control::ControlServer;
 use crate::error::CliError;
-use crate::manager::{InstanceInfo, Manager, ParentSpec};
-use crate::mdevfs::{MdevFs, SharedManager};
-use crate::socket;
+use crate::manage::control::ControlServer;
+use crate::manage::manager::{InstanceInfo, Manager, ParentSpec};
+use crate::manage::mdevfs::{MdevFs, SharedManager};
+use crate::sys::socket;
 
 /// The source (fsname) of the tree's FUSE mount, by which a later start knows it as ours.
 pub const FS_NAME: &str = "vgpu-emu";
@@ -70,7 +70,7 @@ pub enum Request {
     Create {
         /// Parent name.
         parent: String,
-        /// Type directory or NAME[@VERSION].
+        /// Type directory or `NAME[@VERSION]`.
         #[serde(rename = "type")]
         ty: String,
         /// UUID (random when absent).
@@ -557,7 +557,7 @@ const INVALIDATE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
     let path = control_socket(root);
     let stream = UnixStream::connect(&path).map_err(|source| {
-        CliError::Control(crate::control::ControlError::Connect {
+        CliError::Control(crate::manage::control::ControlError::Connect {
             path: path.clone(),
             source,
         })

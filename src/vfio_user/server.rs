@@ -50,13 +50,13 @@ use vgpu_model::device::{NUM_IRQS, NUM_REGIONS};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::IntoBytes;
 
-use crate::dma::{DmaMaps, Mapped};
 use crate::instance::{lock, Instance, ServerStats, SharedInstance};
-use crate::irq::{EventFd, Interrupts, Signalled};
 use crate::log_limited;
-use crate::protocol::{self as p, cmd, flags, Header, HEADER_SIZE};
 use crate::ratelimit::RateLimit;
-use crate::scm::{self, MAX_FDS};
+use crate::vfio_user::dma::{DmaMaps, Mapped};
+use crate::vfio_user::irq::{EventFd, Interrupts, Signalled};
+use crate::vfio_user::protocol::{self as p, cmd, flags, Header, HEADER_SIZE};
+use crate::vfio_user::scm::{self, MAX_FDS};
 
 /// Largest REGION_READ/WRITE data we accept and advertise (`max_data_xfer_size`).
 pub const MAX_DATA_XFER: u32 = 1 << 20;
@@ -876,7 +876,7 @@ fn fuzz_instance() -> Option<(SharedInstance, &'static File)> {
                 .resolve("EMU-16M")
                 .ok()?
                 .clone();
-            let file = crate::memfd::memfd("fuzz-vram", ty.framebuffer).ok()?;
+            let file = crate::sys::memfd::memfd("fuzz-vram", ty.framebuffer).ok()?;
             Some((ty, file))
         })
         .as_ref()?;
@@ -956,9 +956,9 @@ pub fn fuzz_connection(data: &[u8]) {
     static POOL: OnceLock<Option<Vec<OwnedFd>>> = OnceLock::new();
     let Some(pool) = POOL
         .get_or_init(|| {
-            let sealed = crate::memfd::memfd("fuzz-conn-sealed", 1 << 16).ok()?;
-            let open = crate::memfd::memfd_unsealed("fuzz-conn-open", 1 << 16).ok()?;
-            let efd = crate::irq::new_eventfd(libc::EFD_CLOEXEC).ok()?;
+            let sealed = crate::sys::memfd::memfd("fuzz-conn-sealed", 1 << 16).ok()?;
+            let open = crate::sys::memfd::memfd_unsealed("fuzz-conn-open", 1 << 16).ok()?;
+            let efd = crate::vfio_user::irq::new_eventfd(libc::EFD_CLOEXEC).ok()?;
             let (sock, _) = StdStream::pair().ok()?;
             Some(vec![sealed.into(), open.into(), efd, sock.into()])
         })

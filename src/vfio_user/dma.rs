@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 
-use crate::memfd::{cannot_shrink, Mapping};
+use crate::sys::memfd::{cannot_shrink, Mapping};
 
 /// Most regions one client may map (bounds the table's memory; mappings hold no descriptor).
 pub const MAX_MAPS: usize = 16384;
@@ -133,7 +133,7 @@ impl DmaMaps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memfd::{memfd, memfd_unsealed};
+    use crate::sys::memfd::{memfd, memfd_unsealed};
 
     #[test]
     fn map_unmap_and_overlaps() {

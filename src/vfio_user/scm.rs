@@ -147,7 +147,7 @@ mod tests {
     fn fds_cross_a_socket_pair() {
         let (a, b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let f = crate::memfd::memfd("x", 4096).unwrap();
+        let f = crate::sys::memfd::memfd("x", 4096).unwrap();
         assert_eq!(
             send_with_fds(a.as_raw_fd(), b"hello", &[f.as_raw_fd(), f.as_raw_fd()]).unwrap(),
             5
@@ -170,7 +170,7 @@ mod tests {
     #[test]
     fn too_many_fds_are_detected() {
         let (a, b) = UnixStream::pair().unwrap();
-        let f = crate::memfd::memfd("x", 1).unwrap();
+        let f = crate::sys::memfd::memfd("x", 1).unwrap();
         let many = vec![f.as_raw_fd(); 100];
         assert_eq!(
             send_with_fds(a.as_raw_fd(), b"x", &many)

@@ -8,11 +8,11 @@ use log::info;
 use uuid::Uuid;
 use vgpu_model::{Catalog, VgpuType};
 
-use crate::control::ControlServer;
 use crate::error::CliError;
 use crate::instance::Instance;
-use crate::server::Server;
-use crate::socket::{self, control_path, RemoveOnDrop};
+use crate::manage::control::ControlServer;
+use crate::sys::socket::{self, control_path, RemoveOnDrop};
+use crate::vfio_user::server::Server;
 
 /// Validated `serve` settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,13 +58,13 @@ pub fn resolve_servable<'a>(
     spec: Option<&str>,
 ) -> Result<&'a VgpuType, CliError> {
     let ty = match spec {
-        Some(s) => crate::catalog_cmd::resolve(catalog, s)?,
+        Some(s) => crate::cli::catalog_cmd::resolve(catalog, s)?,
         None => catalog.default_type().ok_or(CliError::NoDefaultType)?,
     };
     if !ty.personality.is_implemented() {
         return Err(not_servable(catalog, ty));
     }
-    if let Some(warning) = crate::catalog_cmd::deprecation_warning(catalog, ty) {
+    if let Some(warning) = crate::cli::catalog_cmd::deprecation_warning(catalog, ty) {
         log::warn!("{warning}");
     }
     Ok(ty)

@@ -220,7 +220,7 @@ mod tests {
 
     #[test]
     fn only_eventfds_are_adopted() {
-        let f = crate::memfd::memfd("not-an-eventfd", 8).unwrap();
+        let f = crate::sys::memfd::memfd("not-an-eventfd", 8).unwrap();
         assert_eq!(EventFd::adopt(f.into()).unwrap_err(), libc::EINVAL);
     }
 

@@ -12,8 +12,8 @@ use vgpu_model::pci::{walk_capabilities, VendorCapability, CAP_ID_VENDOR, VENDOR
 use vgpu_model::vram::NullVram;
 use vgpu_model::{Catalog, Device, VgpuType};
 
+use crate::cli::lock::Locked;
 use crate::error::CliError;
-use crate::lock::Locked;
 
 /// Largest type file read: far above any real table (the built-in one is a few KiB), and small
 /// enough that `--types-file /dev/zero` or a never-ending pipe is refused at once.
@@ -53,7 +53,7 @@ pub fn load_unlocked(files: &[PathBuf]) -> Result<Catalog, CliError> {
 }
 
 /// Loads the built-in catalog plus `files`, in order, and checks the lock files that apply:
-/// `lock_file` (`--lock-file`) and each `FILE.lock` beside a type file (see [`crate::lock`]).
+/// `lock_file` (`--lock-file`) and each `FILE.lock` beside a type file (see [`crate::cli::lock`]).
 pub fn load_catalog(files: &[PathBuf], lock_file: Option<&Path>) -> Result<Catalog, CliError> {
     Ok(load_locked(files, lock_file)?.0)
 }
@@ -65,7 +65,7 @@ pub fn load_locked(
     lock_file: Option<&Path>,
 ) -> Result<(Catalog, Locked), CliError> {
     let catalog = load_unlocked(files)?;
-    let locked = crate::lock::verify_all(&catalog, files, lock_file)?;
+    let locked = crate::cli::lock::verify_all(&catalog, files, lock_file)?;
     Ok((catalog, locked))
 }
 
@@ -77,7 +77,7 @@ pub fn resolve<'a>(catalog: &'a Catalog, spec: &str) -> Result<&'a VgpuType, Cli
         Err(e) => catalog
             .types()
             .iter()
-            .find(|t| crate::manager::type_dir(t) == spec)
+            .find(|t| crate::manage::manager::type_dir(t) == spec)
             .ok_or(CliError::Lookup(e)),
     }
 }
@@ -404,7 +404,7 @@ pub fn edid_bytes(ty: &VgpuType) -> Vec<u8> {
 /// renders have one.
 pub fn config_dump(catalog: &Catalog, ty: &VgpuType) -> Result<String, CliError> {
     let Some(images) = power_on_images(ty) else {
-        return Err(crate::serve::not_servable(catalog, ty));
+        return Err(crate::cli::serve::not_servable(catalog, ty));
     };
     let config = &images[0].1;
     let mut out = format!("00:00.0 vgpu-emu {} config space at power-on\n", ty.key());
@@ -811,7 +811,7 @@ max_instances = 8
     /// locked is flagged `unlocked`.
     #[test]
     fn types_and_describe_say_which_user_versions_are_locked() {
-        use crate::lock::{Lock, LockFile};
+        use crate::cli::lock::{Lock, LockFile};
         let mut c = Catalog::builtin().unwrap();
         c.add_toml("lab.toml", &(lab(1, "64M", "") + &lab(2, "32M", "")))
             .unwrap();
@@ -826,7 +826,7 @@ max_instances = 8
         )
         .unwrap();
         let mut held = Locked::default();
-        crate::lock::verify(&c, &lock, &file, &mut held).unwrap();
+        crate::cli::lock::verify(&c, &lock, &file, &mut held).unwrap();
 
         let out = types(&c, &held, false).unwrap();
         let row = |key: &str| {
