@@ -153,8 +153,26 @@ impl Guest {
             .collect()
     }
 
-    fn poweroff(mut self) {
-        self.send("poweroff");
+    /// Waits for a console line (any, not only the report) containing `text`.
+    fn expect_output(&mut self, text: &str) {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) && !line.contains("echo") => return,
+                Ok(_) => {}
+                Err(_) => panic!("no `{text}` on the console:\n{}", self.console()),
+            }
+        }
+    }
+
+    fn poweroff(self) {
+        self.power_off_with("poweroff");
+    }
+
+    /// Sends `command` and waits for QEMU to exit cleanly.
+    fn power_off_with(mut self, command: &str) {
+        self.send(command);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -676,4 +694,24 @@ fn removing_an_instance_waits_for_the_running_guest_to_release_it() {
         log.contains("cannot be asked") && log.contains("released the device after"),
         "the log says what happened:\n{log}"
     );
+}
+
+/// What a person running the guest by hand gets (`run-guest` with a terminal): the console on
+/// the vGPU from boot, before anything is drawn, and a shell on the serial console.
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn by_hand_the_guest_shows_its_console_from_boot_and_gives_a_shell() {
+    let served = Served::start("EMU-16M");
+    let mut guest = Guest::boot(&[
+        "--shell",
+        "--screen",
+        "--socket",
+        served.socket.to_str().unwrap(),
+    ]);
+    // Nothing drawn: the boot messages and the report are on the vGPU's console.
+    wait_for_text(&served, "the console shown from boot");
+    guest.expect("shell");
+    guest.send("echo hello-$((6 * 7))");
+    guest.expect_output("hello-42");
+    guest.power_off_with("poweroff -f");
 }
