@@ -378,7 +378,18 @@ fn register_latencies(s: &mut UnixStream, n: usize) -> Vec<f64> {
 
 fn latency_during_screenshots(dir: &Path) {
     let sock = dir.join("shot.sock");
-    let _server = serve("EMU-256M", &sock);
+    let server = serve("EMU-256M", &sock);
+    // On two cores, the screenshot's own work (copy, PNG encode) competes with the register
+    // path for a CPU: the endpoint's thread runs at the lowest priority here, so that what is
+    // left of a stall is waiting for the instance lock, not for a CPU.
+    for task in std::fs::read_dir(format!("/proc/{}/task", server.0.id())).unwrap() {
+        let task = task.unwrap().path();
+        if std::fs::read_to_string(task.join("comm")).is_ok_and(|c| c.trim() == "control") {
+            let tid: libc::id_t = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+            // SAFETY: setpriority on one thread id of our child; no memory is involved.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+        }
+    }
     let mut vgpu = UnixStream::connect(&sock).unwrap();
     negotiate(&mut vgpu);
     let (w, h) = (3840u16, 2160u16);
@@ -432,26 +443,28 @@ fn latency_during_screenshots(dir: &Path) {
             .collect(),
     );
     let q = |v: &[f64], p: f64| v[((v.len() as f64 - 1.0) * p) as usize];
+    // A frame copied under the instance lock would hold one read for the whole copy, once per
+    // screenshot: count the reads that waited at least half a frame copy.
+    let stalled = |v: &[f64]| v.iter().filter(|&&t| t >= copy / 2.0).count();
     println!(
         "5. register read latency while 3840x2160 screenshots run ({N} idle reads, {} during):",
         busy.len()
     );
     println!(
-        "   no screenshots               p50 {:7.1} us   p99 {:7.1} us   worst {:8.1} us",
+        "   no screenshots               p50 {:7.1} us   p99 {:7.1} us   worst {:8.1} us   >= half a frame copy: {}",
         q(&idle, 0.5),
         q(&idle, 0.99),
-        q(&idle, 1.0)
+        q(&idle, 1.0),
+        stalled(&idle)
     );
     println!(
-        "   {taken:3} screenshots meanwhile   p50 {:7.1} us   p99 {:7.1} us   worst {:8.1} us",
+        "   {taken:3} screenshots meanwhile   p50 {:7.1} us   p99 {:7.1} us   worst {:8.1} us   >= half a frame copy: {} (a copy under the lock: >= {taken})",
         q(&busy, 0.5),
         q(&busy, 0.99),
-        q(&busy, 1.0)
+        q(&busy, 1.0),
+        stalled(&busy)
     );
-    println!(
-        "   one 31.6 MiB frame memcpy    {copy:8.1} us   worst / frame copy {:.3}",
-        q(&busy, 1.0) / copy
-    );
+    println!("   one 31.6 MiB frame memcpy    {copy:8.1} us");
 }
 
 fn main() {
