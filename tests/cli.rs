@@ -25,21 +25,12 @@ fn stderr(out: &Output) -> String {
 
 /// A bochs `LAB-32M` record of `version` with `framebuffer`.
 fn lab(version: u32, framebuffer: &str) -> String {
-    format!(
-        r#"[[type]]
-name = "LAB-32M"
-version = {version}
-family = "emu"
-personality = "bochs"
-pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}
-framebuffer = "{framebuffer}"
-num_heads = 1
-max_resolution = "2560x1440"
-default_resolution = "1920x1080"
-frl = 30
-max_instances = 8
-"#
-    )
+    vgpu_model::catalog::TestType {
+        version,
+        framebuffer,
+        ..Default::default()
+    }
+    .toml()
 }
 
 /// Writes `text` to `dir/name` and returns the path.

@@ -830,13 +830,13 @@ fn a_failed_start_reports_its_cause_and_a_kernel_errno() {
 fn a_bare_name_creates_the_newest_version() {
     let dir = tempfile::tempdir().unwrap();
     // @2 has the smaller framebuffer, so it sorts before @1 in the table.
-    let lab = |version: u32, fb: &str| {
-        format!(
-            "[[type]]\nname = \"LAB-32M\"\nversion = {version}\nfamily = \"emu\"\npersonality = \"bochs\"\n\
-             pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
-             framebuffer = \"{fb}\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
-             default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n"
-        )
+    let lab = |version: u32, framebuffer: &str| {
+        vgpu_model::catalog::TestType {
+            version,
+            framebuffer,
+            ..Default::default()
+        }
+        .toml()
     };
     let types = dir.path().join("lab.toml");
     std::fs::write(&types, lab(1, "64M") + &lab(2, "32M")).unwrap();
@@ -964,12 +964,12 @@ fn refusals_give_their_reason_in_the_cli_and_the_tree() {
 fn a_deprecated_version_says_so_in_the_tree_and_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let lab = |version: u32, extra: &str| {
-        format!(
-            "[[type]]\nname = \"LAB-32M\"\nversion = {version}\nfamily = \"emu\"\npersonality = \"bochs\"\n\
-             pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}\n\
-             framebuffer = \"32M\"\nnum_heads = 1\nmax_resolution = \"2560x1440\"\n\
-             default_resolution = \"1920x1080\"\nfrl = 30\nmax_instances = 8\n{extra}\n"
-        )
+        vgpu_model::catalog::TestType {
+            version,
+            extra,
+            ..Default::default()
+        }
+        .toml()
     };
     let types = dir.path().join("lab.toml");
     std::fs::write(&types, lab(1, "deprecated = true") + &lab(2, "")).unwrap();

@@ -1015,19 +1015,58 @@ impl Catalog {
     }
 }
 
-/// Type records in TOML for tests.
-#[cfg(test)]
-pub(crate) mod test_support {
-    /// A bochs type with the fields tests vary; `extra` lines are appended.
-    pub(crate) fn bochs_toml(
-        name: &str,
-        version: u32,
-        fb: &str,
-        max: &str,
-        default: &str,
-        frl: u32,
-        extra: &str,
-    ) -> String {
+/// A single-head bochs type record in TOML, for tests of type files in this crate and in
+/// others (the CLI's and the daemon's tests load user type files). Not part of the catalog.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct TestType<'a> {
+    /// `name`.
+    pub name: &'a str,
+    /// `version`.
+    pub version: u32,
+    /// `framebuffer`, e.g. "32M".
+    pub framebuffer: &'a str,
+    /// `max_resolution`.
+    pub max_resolution: &'a str,
+    /// `default_resolution`.
+    pub default_resolution: &'a str,
+    /// `frl`.
+    pub frl: u32,
+    /// `max_instances`.
+    pub max_instances: u32,
+    /// Lines appended to the record (e.g. `deprecated = true`).
+    pub extra: &'a str,
+}
+
+impl Default for TestType<'_> {
+    /// `LAB-32M@1`: 32M, 2560x1440 at most, 1920x1080 preferred, FRL 30, 8 per parent.
+    fn default() -> Self {
+        TestType {
+            name: "LAB-32M",
+            version: 1,
+            framebuffer: "32M",
+            max_resolution: "2560x1440",
+            default_resolution: "1920x1080",
+            frl: 30,
+            max_instances: 8,
+            extra: "",
+        }
+    }
+}
+
+impl TestType<'_> {
+    /// The record.
+    pub fn toml(&self) -> String {
+        let TestType {
+            name,
+            version,
+            framebuffer,
+            max_resolution,
+            default_resolution,
+            frl,
+            max_instances,
+            extra,
+        } = self;
         format!(
             r#"[[type]]
 name = "{name}"
@@ -1035,14 +1074,42 @@ version = {version}
 family = "emu"
 personality = "bochs"
 pci = {{ vendor = 0x1234, device = 0x1111, subsystem_vendor = 0x1234, subsystem_device = 0x2001, class = 0x038000, revision = 2 }}
-framebuffer = "{fb}"
+framebuffer = "{framebuffer}"
 num_heads = 1
-max_resolution = "{max}"
-default_resolution = "{default}"
+max_resolution = "{max_resolution}"
+default_resolution = "{default_resolution}"
 frl = {frl}
-max_instances = 4
-{extra}"#
+max_instances = {max_instances}
+{extra}
+"#
         )
+    }
+}
+
+/// Type records in TOML for tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// A bochs type with the fields tests vary; `extra` lines are appended.
+    pub(crate) fn bochs_toml(
+        name: &str,
+        version: u32,
+        framebuffer: &str,
+        max_resolution: &str,
+        default_resolution: &str,
+        frl: u32,
+        extra: &str,
+    ) -> String {
+        super::TestType {
+            name,
+            version,
+            framebuffer,
+            max_resolution,
+            default_resolution,
+            frl,
+            max_instances: 4,
+            extra,
+        }
+        .toml()
     }
 }
 
