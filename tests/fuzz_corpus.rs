@@ -56,3 +56,19 @@ fn connection_corpus_replays() {
         assert!(r.is_ok(), "{name} fails");
     }
 }
+
+#[test]
+fn type_file_corpus_replays() {
+    for (name, data) in corpus("type_file") {
+        let r = std::panic::catch_unwind(|| vgpu_model::fuzz::type_file(&data));
+        assert!(r.is_ok(), "{name} fails");
+    }
+}
+
+#[test]
+fn lock_file_corpus_replays() {
+    for (name, data) in corpus("lock_file") {
+        let r = std::panic::catch_unwind(|| vgpu_emu::lock::fuzz_parse(&data));
+        assert!(r.is_ok(), "{name} fails");
+    }
+}

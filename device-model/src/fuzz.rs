@@ -158,6 +158,41 @@ pub fn check_invariants(dev: &Device) -> bool {
     displaying
 }
 
+/// Fuzz entry point for type files, a local user's input: `data` as the text of a user type
+/// file added to the built-in catalog. Panics when an accepted file yields a type the catalog
+/// cannot resolve, describe or fingerprint, or when a refused file changed the catalog or was
+/// refused without naming the file.
+pub fn type_file(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let Ok(mut catalog) = Catalog::builtin() else {
+        return;
+    };
+    let before = catalog.clone();
+    match catalog.add_toml("fuzz.toml", &text) {
+        Ok(()) => {
+            for ty in catalog.types() {
+                let found = catalog
+                    .resolve(&ty.key())
+                    .expect("every type resolves by its key");
+                assert_eq!(found.key(), ty.key());
+                let _ = ty.nvidia_description();
+                let _ = crate::fingerprint::fingerprint(ty);
+            }
+        }
+        Err(e) => {
+            assert_eq!(
+                catalog.types().len(),
+                before.types().len(),
+                "a refused file leaves the catalog as it was"
+            );
+            assert!(
+                e.to_string().contains("fuzz.toml"),
+                "the error names the file: {e}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

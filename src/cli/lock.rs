@@ -304,6 +304,28 @@ impl LockFile {
     }
 }
 
+/// Fuzz entry point for lock files, a local user's input: parses `data`; what parses must
+/// render and parse back to the same entries, and a refusal must name the file and a line that
+/// exists.
+#[doc(hidden)]
+pub fn fuzz_parse(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    match LockFile::parse("fuzz.lock", &text) {
+        Ok(lock) => {
+            let again = LockFile::parse("again.lock", &lock.render(&[]))
+                .expect("a rendered lock file parses");
+            assert_eq!(again, lock, "render and parse round-trip");
+        }
+        Err(e) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("fuzz.lock"),
+                "the error names the file: {message}"
+            );
+        }
+    }
+}
+
 /// The lock file used beside a type file: `FILE.lock` (`lab.toml` -> `lab.toml.lock`).
 pub fn path_beside(types_file: &Path) -> PathBuf {
     let mut p = types_file.as_os_str().to_os_string();
