@@ -23,25 +23,12 @@ use vgpu_emu::memfd::MemfdVram;
 use vgpu_model::{Catalog, Device};
 use vm_memory::{MmapRegion, VolatileMemory};
 
+mod common;
+use common::pin_to_cpu0;
+
 const BIN: &str = env!("CARGO_BIN_EXE_vgpu-emu");
 const REQUEST: usize = 32; // header + REGION_READ head
 const REPLY: usize = 34; // header + head + 2 data bytes
-
-fn pin_to_cpu0() {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it; sched_setaffinity
-    // reads it for this process (pid 0). Children inherit the mask.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(0, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!(
-                "warning: cannot pin to CPU 0: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
 
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);

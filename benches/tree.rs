@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::pin_to_cpu0;
+
 const BIN: &str = env!("CARGO_BIN_EXE_vgpu-emu");
 /// Type records per file (about 340 bytes each; a type file is at most 1 MiB).
 const PER_FILE: usize = 2000;
@@ -171,27 +174,11 @@ fn lookups(n: usize) -> Duration {
     best
 }
 
-/// Pins this process, and so the daemon and mdevctl it starts, to CPU 0. Every FUSE request is a
-/// round trip between mdevctl and the daemon: on two vCPUs of this kind of VM a cross-CPU wake-up
-/// costs tens of microseconds and dominates (measured: 2000 types in 0.20 s on one core, 3.5 s
-/// with the two on different cores), and the scheduler's choice swings from run to run.
-fn pin_to_cpu0() {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it; sched_setaffinity
-    // reads it for this process (pid 0). Children inherit the mask.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(0, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!(
-                "warning: cannot pin to CPU 0: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
 fn main() {
+    // Every FUSE request is a round trip between mdevctl and the daemon: on two vCPUs of this
+    // kind of VM a cross-CPU wake-up costs tens of microseconds and dominates (measured: 2000
+    // types in 0.20 s on one core, 3.5 s with the two on different cores), and the
+    // scheduler's choice swings from run to run.
     pin_to_cpu0();
     // `cargo bench` passes --bench; nothing else is taken.
     let n: usize = std::env::var("VGPU_BENCH_TYPES")
