@@ -1059,6 +1059,30 @@ fn removing_an_instance_in_use_asks_its_client_to_release_it() {
     assert!(d.socket(uuid).exists(), "the instance stays");
     assert_eq!(stubborn.dispi(0), 0xb0c5, "and its client is still served");
 
+    // The same through `vgpu-emu remove`: it fails (exit 1, in use) after the wait, and the
+    // daemon's control socket answers other requests meanwhile.
+    let root = d.root.clone();
+    let waiter = std::thread::spawn(move || {
+        Command::new(BIN)
+            .args(["remove", "--root"])
+            .arg(&root)
+            .arg(uuid)
+            .output()
+            .unwrap()
+    });
+    wait_until(Duration::from_secs(5), "the request interrupt", || {
+        eventfd_take(&efd) > 0
+    });
+    let t = std::time::Instant::now();
+    let list = vgpu_emu_ok(&["list".as_ref(), "--root".as_ref(), d.root.as_os_str()]);
+    assert!(list.contains(uuid), "{list}");
+    assert!(t.elapsed() < Duration::from_millis(1500), "list waited {:?}", t.elapsed());
+    let out = waiter.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+    assert!(d.socket(uuid).exists(), "the instance stays");
+
     // A client that does as asked (as QEMU does): the removal succeeds once it has gone.
     let (tx, rx) = std::sync::mpsc::channel();
     let cooperative = std::thread::spawn(move || {

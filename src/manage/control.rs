@@ -19,7 +19,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -73,8 +73,57 @@ const WAKER: Token = Token(1);
 /// Connection `i` is `Token(FIRST_CONN + i)`.
 const FIRST_CONN: usize = 2;
 
-/// Answers one request line (never empty) by appending the reply's bytes to the buffer.
-type Handler = dyn Fn(&str, &mut Vec<u8>) -> io::Result<()> + Send + Sync;
+/// Answers one request line (never empty) by appending the reply's bytes to the buffer, or
+/// later, through [`Later::defer`].
+type Handler = dyn Fn(&str, &mut Vec<u8>, &Later) -> io::Result<()> + Send + Sync;
+
+/// Lets a handler answer a request later, from another thread, when the answer waits on
+/// something (a removal waiting for a client to let go): the endpoint goes on serving its other
+/// clients meanwhile.
+#[derive(Debug)]
+pub struct Later {
+    waker: Arc<Waker>,
+    deferred: std::cell::RefCell<Option<mpsc::Receiver<Vec<u8>>>>,
+}
+
+impl Later {
+    /// Defers the answer to this request: whatever was appended to the reply buffer is dropped,
+    /// and the bytes given to [`Replier::reply`] are sent instead. A replier dropped without
+    /// replying closes the connection.
+    pub fn defer(&self) -> Replier {
+        let (tx, rx) = mpsc::sync_channel(1);
+        *self.deferred.borrow_mut() = Some(rx);
+        Replier {
+            tx,
+            waker: self.waker.clone(),
+        }
+    }
+}
+
+/// The answer to a deferred request (see [`Later::defer`]).
+#[derive(Debug)]
+pub struct Replier {
+    tx: mpsc::SyncSender<Vec<u8>>,
+    waker: Arc<Waker>,
+}
+
+impl Replier {
+    /// Sends the answer and wakes the endpoint.
+    pub fn reply(self, bytes: Vec<u8>) {
+        let _ = self.tx.send(bytes);
+        let _ = self.waker.wake();
+    }
+}
+
+impl Drop for Replier {
+    fn drop(&mut self) {
+        // A replier that never replied: the endpoint sees the channel closed.
+        let _ = self.waker.wake();
+    }
+}
+
+/// How long a deferred answer may take (the endpoint keeps the client that long at most).
+const DEFERRED_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// A control endpoint: one thread with a poll loop that reads requests and writes replies
 /// without blocking, for at most [`MAX_CONNECTIONS`] clients at a time, each with a deadline.
@@ -90,7 +139,7 @@ pub struct ControlServer {
 impl ControlServer {
     /// Serves the control endpoint of `instance` on `listener`.
     pub fn spawn(listener: UnixListener, instance: SharedInstance) -> io::Result<Self> {
-        ControlServer::spawn_with(listener, "control", move |line, out| {
+        ControlServer::spawn_with(listener, "control", move |line, out, _| {
             serve_one(line, out, &instance)
         })
     }
@@ -98,7 +147,7 @@ impl ControlServer {
     /// Serves `listener` on a thread named `name`, answering each request line with `handler`.
     pub fn spawn_with<F>(listener: UnixListener, name: &str, handler: F) -> io::Result<Self>
     where
-        F: Fn(&str, &mut Vec<u8>) -> io::Result<()> + Send + Sync + 'static,
+        F: Fn(&str, &mut Vec<u8>, &Later) -> io::Result<()> + Send + Sync + 'static,
     {
         listener.set_nonblocking(true)?;
         let mut listener = mio::net::UnixListener::from_std(listener);
@@ -113,6 +162,7 @@ impl ControlServer {
             stop: stop.clone(),
             conns: (0..MAX_CONNECTIONS).map(|_| None).collect(),
             handler: Box::new(handler),
+            waker: waker.clone(),
             name: name.to_string(),
             log: RateLimit::default(),
         };
@@ -151,6 +201,8 @@ struct Conn {
     input: Vec<u8>,
     /// The reply, once there is one, and how much of it was sent.
     output: Option<(Vec<u8>, usize)>,
+    /// A deferred reply still to come.
+    pending: Option<mpsc::Receiver<Vec<u8>>>,
     deadline: Instant,
 }
 
@@ -167,11 +219,41 @@ struct Endpoint {
     stop: Arc<AtomicBool>,
     conns: Vec<Option<Conn>>,
     handler: Box<Handler>,
+    /// Wakes this loop (stop, deferred replies).
+    waker: Arc<Waker>,
     name: String,
     log: RateLimit,
 }
 
 impl Endpoint {
+    /// Sends the deferred answers that have arrived; closes connections whose replier went
+    /// away without answering.
+    fn deliver(&mut self) {
+        for slot in 0..self.conns.len() {
+            let Some(conn) = self.conns[slot].as_mut() else {
+                continue;
+            };
+            let Some(rx) = &conn.pending else {
+                continue;
+            };
+            match rx.try_recv() {
+                Ok(reply) => {
+                    conn.pending = None;
+                    let next = answer(conn, reply, self.poll.registry(), slot);
+                    if let Next::Close(why) = next {
+                        debug!("{}: connection closed: {why}", self.name);
+                        self.conns[slot] = None;
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    debug!("{}: a deferred request was never answered", self.name);
+                    self.conns[slot] = None;
+                }
+            }
+        }
+    }
+
     fn run(mut self) {
         let mut events = Events::with_capacity(16);
         // After a failed accept (out of descriptors, say), look again a little later: the
@@ -201,7 +283,7 @@ impl Endpoint {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => accept = true,
-                    WAKER => {}
+                    WAKER => self.deliver(),
                     Token(t) => self.drive(t - FIRST_CONN),
                 }
             }
@@ -258,6 +340,7 @@ impl Endpoint {
                 stream,
                 input: Vec::new(),
                 output: None,
+                pending: None,
                 deadline: Instant::now() + REQUEST_TIMEOUT,
             });
             // Data may have arrived before the registration.
@@ -270,9 +353,17 @@ impl Endpoint {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        let next = match conn.output {
-            None => read_request(conn, &self.handler, self.poll.registry(), slot),
-            Some(_) => write_reply(conn),
+        let next = match (&conn.output, &conn.pending) {
+            (None, None) => {
+                let later = Later {
+                    waker: self.waker.clone(),
+                    deferred: std::cell::RefCell::new(None),
+                };
+                read_request(conn, &self.handler, &later, self.poll.registry(), slot)
+            }
+            // Waiting for a deferred answer: nothing to read or write yet.
+            (None, Some(_)) => Next::Keep,
+            (Some(_), _) => write_reply(conn),
         };
         if let Next::Close(why) = next {
             debug!("{}: connection closed: {why}", self.name);
@@ -281,7 +372,13 @@ impl Endpoint {
     }
 }
 
-fn read_request(conn: &mut Conn, handler: &Handler, registry: &mio::Registry, slot: usize) -> Next {
+fn read_request(
+    conn: &mut Conn,
+    handler: &Handler,
+    later: &Later,
+    registry: &mio::Registry,
+    slot: usize,
+) -> Next {
     let mut buf = [0u8; 1024];
     let mut eof = false;
     loop {
@@ -317,9 +414,19 @@ fn read_request(conn: &mut Conn, handler: &Handler, registry: &mio::Registry, sl
         return Next::Close("empty request");
     }
     let mut reply = Vec::new();
-    if handler(line.trim(), &mut reply).is_err() {
+    if handler(line.trim(), &mut reply, later).is_err() {
         return Next::Close("cannot encode the reply");
     }
+    if let Some(rx) = later.deferred.take() {
+        conn.pending = Some(rx);
+        conn.deadline = Instant::now() + DEFERRED_TIMEOUT;
+        return Next::Keep;
+    }
+    answer(conn, reply, registry, slot)
+}
+
+/// Starts sending `reply` to the client of `slot`.
+fn answer(conn: &mut Conn, reply: Vec<u8>, registry: &mio::Registry, slot: usize) -> Next {
     conn.output = Some((reply, 0));
     conn.deadline = Instant::now() + REPLY_TIMEOUT;
     if registry

@@ -26,7 +26,7 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::error::CliError;
-use crate::manage::control::ControlServer;
+use crate::manage::control::{ControlServer, Later};
 use crate::manage::manager::{InstanceInfo, Manager, ParentSpec};
 use crate::manage::mdevfs::{MdevFs, SharedManager};
 use crate::sys::socket;
@@ -453,7 +453,12 @@ fn autostart(root: &Path, manager: &SharedManager) {
 }
 
 /// Answers one request line on the daemon's control socket (see [`ControlServer`]).
-fn serve_control(line: &str, out: &mut Vec<u8>, manager: &SharedManager) -> std::io::Result<()> {
+fn serve_control(
+    line: &str,
+    out: &mut Vec<u8>,
+    later: &Later,
+    manager: &SharedManager,
+) -> std::io::Result<()> {
     let reply = match serde_json::from_str::<Request>(line) {
         Err(e) => Reply {
             error: Some(format!("bad request: {e}")),
@@ -494,19 +499,36 @@ fn serve_control(line: &str, out: &mut Vec<u8>, manager: &SharedManager) -> std:
         }
         Ok(Request::Remove { uuid }) => {
             match uuid::Uuid::parse_str(&uuid).map_err(|_| format!("`{uuid}` is not a UUID")) {
-                // Waits (up to the release timeout) for an attached client to let go; the tree
-                // is not held meanwhile, this endpoint is.
-                Ok(u) => match Manager::remove_released(manager, &u) {
-                    Ok(()) => Reply {
-                        ok: true,
-                        ..Reply::default()
-                    },
-                    Err(e) => Reply {
-                        error: Some(crate::error::chain(&e)),
-                        bad_input: e.is_bad_input(),
-                        ..Reply::default()
-                    },
-                },
+                Ok(u) => {
+                    let begun = manager
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .begin_remove(&u);
+                    match begun {
+                        Ok(None) => removal_reply(Ok(())),
+                        // A client is attached and was asked to let go: the answer comes once
+                        // the removal is decided, from a thread of its own, while this endpoint
+                        // (and the tree) go on serving.
+                        Ok(Some(release)) => {
+                            let replier = later.defer();
+                            let manager = manager.clone();
+                            std::thread::Builder::new()
+                                .name("daemon-remove".into())
+                                .spawn(move || {
+                                    release.wait();
+                                    let done = manager
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .finish_remove(release);
+                                    if let Ok(text) = serde_json::to_string(&removal_reply(done)) {
+                                        replier.reply(format!("{text}\n").into_bytes());
+                                    }
+                                })?;
+                            return Ok(());
+                        }
+                        Err(e) => removal_reply(Err(e)),
+                    }
+                }
                 Err(e) => Reply {
                     error: Some(e),
                     bad_input: true,
@@ -517,6 +539,21 @@ fn serve_control(line: &str, out: &mut Vec<u8>, manager: &SharedManager) -> std:
     };
     let text = serde_json::to_string(&reply)?;
     writeln!(out, "{text}")
+}
+
+/// The reply to a removal.
+fn removal_reply(done: Result<(), crate::manage::manager::ManageError>) -> Reply {
+    match done {
+        Ok(()) => Reply {
+            ok: true,
+            ..Reply::default()
+        },
+        Err(e) => Reply {
+            error: Some(crate::error::chain(&e)),
+            bad_input: e.is_bad_input(),
+            ..Reply::default()
+        },
+    }
 }
 
 /// Raises the soft limit of open descriptors to the hard one: each instance holds about seven
@@ -562,8 +599,14 @@ pub fn request(root: &Path, req: &Request) -> Result<Reply, CliError> {
             source,
         })
     })?;
+    // A removal waits for an attached client to let go, as long as the daemon's
+    // --release-timeout says; the daemon always answers once it has decided.
+    let wait = match req {
+        Request::Remove { .. } => Duration::from_secs(3600),
+        _ => Duration::from_secs(30),
+    };
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(wait))
         .map_err(CliError::Runtime)?;
     let sent = writeln!(&stream, "{}", serde_json::to_string(req)?);
     let mut line = String::new();
@@ -656,8 +699,8 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
     }
     let control = {
         let m = manager.clone();
-        ControlServer::spawn_with(ctl, "daemon-control", move |line, out| {
-            serve_control(line, out, &m)
+        ControlServer::spawn_with(ctl, "daemon-control", move |line, out, later| {
+            serve_control(line, out, later, &m)
         })
         .map_err(CliError::Runtime)?
     };

@@ -760,17 +760,6 @@ impl Manager {
         }
     }
 
-    /// Removes `uuid`, asking an attached client to release it first and waiting for that
-    /// with `manager` unlocked (see [`Manager::begin_remove`]).
-    pub fn remove_released(manager: &Mutex<Manager>, uuid: &Uuid) -> Result<(), ManageError> {
-        let lock_manager = || manager.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(release) = lock_manager().begin_remove(uuid)? else {
-            return Ok(());
-        };
-        release.wait();
-        lock_manager().finish_remove(release)
-    }
-
     /// Stops every instance.
     pub fn remove_all(&mut self) {
         let all: Vec<Uuid> = self.instances.keys().copied().collect();
