@@ -1076,7 +1076,11 @@ fn removing_an_instance_in_use_asks_its_client_to_release_it() {
     let t = std::time::Instant::now();
     let list = vgpu_emu_ok(&["list".as_ref(), "--root".as_ref(), d.root.as_os_str()]);
     assert!(list.contains(uuid), "{list}");
-    assert!(t.elapsed() < Duration::from_millis(1500), "list waited {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "list waited {:?}",
+        t.elapsed()
+    );
     let out = waiter.join().unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
