@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -63,21 +62,16 @@ fn a_bare_name_describes_and_serves_the_newest_version() {
     );
 
     let socket = dir.path().join("vgpu.sock");
-    let mut child = Command::new(BIN)
-        .arg("--types-file")
-        .arg(&file)
-        .args(["serve", "--type", "LAB-32M", "--socket"])
-        .arg(&socket)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut child, line) = spawn_ready(
+        Command::new(BIN)
+            .arg("--types-file")
+            .arg(&file)
+            .args(["serve", "--type", "LAB-32M", "--socket"])
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit()),
+        "vgpu-emu: serving ",
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert!(
@@ -369,19 +363,14 @@ fn status_and_screenshot_default_to_serves_socket() {
             .output()
             .unwrap()
     };
-    let mut child = Command::new(BIN)
-        .args(["serve", "--type", "EMU-16M"])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut child, line) = spawn_ready(
+        Command::new(BIN)
+            .args(["serve", "--type", "EMU-16M"])
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit()),
+        "vgpu-emu: serving ",
+    );
     assert!(
         line.contains(&format!(" on {}", socket.display())),
         "{line}"

@@ -361,20 +361,10 @@ pub fn describe(
             format!("{} fps", ty.frl)
         },
     );
-    let modes: Vec<String> = v
-        .edid_modes
-        .iter()
-        .map(|m| {
-            format!(
-                "{}x{}@{}{}",
-                m.width,
-                m.height,
-                m.refresh,
-                if m.preferred { " (preferred)" } else { "" }
-            )
-        })
-        .collect();
-    kv("EDID modes", modes.join(", "));
+    kv(
+        "EDID modes",
+        modes_text(&v.edid_modes, " (preferred)", ", "),
+    );
     kv(
         "max instances",
         format!(
@@ -509,21 +499,21 @@ fn guest_properties(ty: &VgpuType) -> Vec<(String, String)> {
             format!("{} fps", ty.frl)
         },
     ));
-    let modes: Vec<String> = edid::decode_modes(&edid::generate(ty, &[0; 16]))
-        .unwrap_or_default()
+    let modes = edid::decode_modes(&edid::generate(ty, &[0; 16])).unwrap_or_default();
+    props.push(("EDID modes".into(), modes_text(&modes, "*", " ")));
+    props
+}
+
+/// EDID modes as `WxH@Hz`, the preferred one followed by `preferred`, joined by `sep`.
+fn modes_text(modes: &[edid::Mode], preferred: &str, sep: &str) -> String {
+    let modes: Vec<String> = modes
         .iter()
         .map(|m| {
-            format!(
-                "{}x{}@{}{}",
-                m.width,
-                m.height,
-                m.refresh,
-                if m.preferred { "*" } else { "" }
-            )
+            let mark = if m.preferred { preferred } else { "" };
+            format!("{}x{}@{}{mark}", m.width, m.height, m.refresh)
         })
         .collect();
-    props.push(("EDID modes".into(), modes.join(" ")));
-    props
+    modes.join(sep)
 }
 
 /// Offsets where two byte images differ, as ranges: `0x10-0x13, 0x2e`.
