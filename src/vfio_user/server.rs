@@ -230,8 +230,7 @@ impl Server {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = lock(&instance).stats.clone();
-        let counts: Vec<u32> = (0..NUM_IRQS).map(Session::irq_count).collect();
-        let irqs = Arc::new(Interrupts::new(&counts));
+        let irqs = Arc::new(Session::interrupts());
         Ok((
             Server {
                 poll,
@@ -517,50 +516,54 @@ impl Server {
     }
 }
 
-/// Whether the peer of a held (non-blocking) socket has closed: readable with nothing to read.
-fn peer_closed(stream: &UnixStream) -> bool {
-    let mut b = [0u8; 1];
-    // SAFETY: peeks at most one byte into a live local buffer, without blocking.
+/// What a receive on a held socket found, without waiting.
+enum Received {
+    /// This many bytes.
+    Data(usize),
+    /// End of stream, or the socket broke.
+    Closed,
+    /// Nothing yet.
+    Nothing,
+}
+
+/// Receives (or with `MSG_PEEK`, peeks) into `buf` without blocking.
+fn receive_now(stream: &UnixStream, buf: &mut [u8], flags: i32) -> Received {
+    // SAFETY: receives at most `buf.len()` bytes into a live buffer, without blocking.
     let n = unsafe {
         libc::recv(
             stream.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT,
         )
     };
-    n == 0
-        || (n < 0
-            && !matches!(
-                io::Error::last_os_error().raw_os_error(),
-                Some(libc::EAGAIN | libc::EINTR)
-            ))
+    match n {
+        0 => Received::Closed,
+        n if n > 0 => Received::Data(n as usize),
+        _ => match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN | libc::EINTR) => Received::Nothing,
+            _ => Received::Closed,
+        },
+    }
+}
+
+/// Whether the peer of a held socket has closed: readable with nothing to read.
+fn peer_closed(stream: &UnixStream) -> bool {
+    matches!(
+        receive_now(stream, &mut [0u8; 1], libc::MSG_PEEK),
+        Received::Closed
+    )
 }
 
 /// Answers a refused client's first message with EBUSY once its header is in (without
 /// blocking). Returns true when done with it: answered, closed, or broken.
 fn answer_busy(stream: &UnixStream) -> bool {
     let mut h = [0u8; HEADER_SIZE];
-    // SAFETY: peeks at most HEADER_SIZE bytes into a live local buffer, without blocking.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            h.as_mut_ptr().cast(),
-            h.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return !matches!(
-            io::Error::last_os_error().raw_os_error(),
-            Some(libc::EAGAIN | libc::EINTR)
-        );
-    }
-    if n == 0 {
-        return true;
-    }
-    if (n as usize) < HEADER_SIZE {
-        return false;
+    match receive_now(stream, &mut h, libc::MSG_PEEK) {
+        Received::Closed => return true,
+        Received::Nothing => return false,
+        Received::Data(n) if n < HEADER_SIZE => return false,
+        Received::Data(_) => {}
     }
     if let Some(hdr) = p::read::<Header>(&h) {
         if !no_reply(&hdr) {
@@ -582,16 +585,7 @@ fn answer_busy(stream: &UnixStream) -> bool {
     // rather than a reset.
     let mut sink = [0u8; 4096];
     for _ in 0..16 {
-        // SAFETY: reads into a live local buffer, without blocking.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                sink.as_mut_ptr().cast(),
-                sink.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n <= 0 {
+        if !matches!(receive_now(stream, &mut sink, 0), Received::Data(_)) {
             break;
         }
     }
@@ -899,7 +893,7 @@ pub fn fuzz_dispatch(data: &[u8]) {
         return;
     };
     let stats = ServerStats::default();
-    let irqs = Interrupts::new(&(0..NUM_IRQS).map(Session::irq_count).collect::<Vec<_>>());
+    let irqs = Session::interrupts();
     let ctx = Ctx {
         instance: &instance,
         vram: vram_file,
@@ -1014,7 +1008,7 @@ pub fn fuzz_connection(data: &[u8]) {
     };
     drop(theirs);
     let stats = ServerStats::default();
-    let irqs = Interrupts::new(&(0..NUM_IRQS).map(Session::irq_count).collect::<Vec<_>>());
+    let irqs = Session::interrupts();
     std::thread::scope(|scope| {
         scope.spawn(move || {
             for (fds, bytes) in &pieces {
@@ -1085,6 +1079,12 @@ impl Session {
             vb::VFIO_PCI_ERR_IRQ_INDEX | vb::VFIO_PCI_REQ_IRQ_INDEX => 1,
             _ => 0,
         }
+    }
+
+    /// An interrupt table with [`Session::irq_count`] vectors per index, none assigned.
+    fn interrupts() -> Interrupts {
+        let counts: Vec<u32> = (0..NUM_IRQS).map(Session::irq_count).collect();
+        Interrupts::new(&counts)
     }
 
     /// Acts on one message. The instance lock is taken only around device-model calls.

@@ -387,12 +387,7 @@ impl Peer {
 
 /// An eventfd owned by the test.
 pub fn eventfd() -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    // SAFETY: eventfd has no pointer arguments; a non-negative result is a new descriptor.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    assert!(fd >= 0);
-    // SAFETY: `fd` is new and owned by nobody else.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    vgpu_emu::irq::new_eventfd(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).unwrap()
 }
 
 /// Reads and resets an eventfd counter (0 when not signalled).
