@@ -7,6 +7,8 @@
 //! - [`edid`]: EDID 1.4 generation and decoding.
 //! - [`scanout`]: scanout geometry, capture and pixel conversion.
 //! - [`device`]: one instance: regions, guarded accesses, reset, saved state.
+//! - [`bus`]: guest memory, interrupts and time, as the model reaches them.
+//! - [`virtio_gpu`]: the virtio-gpu personality (multi-head).
 //! - [`vram`]: the VRAM backing trait and a `Vec` implementation.
 //! - [`fuzz`]: the register-sequence harness shared by the property test and `cargo fuzz`.
 //!
@@ -15,6 +17,7 @@
 //! peer-supplied offset is bounds-checked before use.
 
 pub mod bochs;
+pub mod bus;
 pub mod catalog;
 pub mod device;
 pub mod edid;
@@ -22,6 +25,7 @@ pub mod fingerprint;
 pub mod fuzz;
 pub mod pci;
 pub mod scanout;
+pub mod virtio_gpu;
 pub mod vram;
 
 pub use catalog::{Catalog, CatalogError, LookupError, Personality, Resolution, VgpuType};
