@@ -5,13 +5,95 @@
 //! [`GuestRam`] from the client's DMA maps (only regions it could map: a range the client
 //! announced without a usable fd is simply absent, so an access there fails like any address
 //! outside RAM).
+//!
+//! Each [`RamRegion`] owns what keeps its mapping alive (the server's mapping object, which
+//! unmaps on drop), so a `GuestRam` handed to a screenshot stays valid even if the client
+//! unmaps the region meanwhile: the pages go when the last holder lets go.
 
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Guest RAM as the server maps it.
-pub type GuestRam = vm_memory::GuestMemoryMmap<()>;
+use vm_memory::bitmap::BS;
+use vm_memory::{
+    GuestAddress, GuestMemoryRegion, GuestMemoryRegionBytes, GuestMemoryResult,
+    GuestRegionCollection, GuestRegionMmap, GuestUsize, MemoryRegionAddress, VolatileSlice,
+};
+
+/// Guest RAM: the regions the model may touch.
+pub type GuestRam = GuestRegionCollection<RamRegion>;
+
+/// One region of guest RAM and the owner of its mapping.
+pub struct RamRegion {
+    region: GuestRegionMmap<()>,
+    _owner: Option<Box<dyn Send + Sync>>,
+}
+
+impl fmt::Debug for RamRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "RamRegion({:#x}+{:#x})",
+            self.region.start_addr().0,
+            self.region.len()
+        )
+    }
+}
+
+impl RamRegion {
+    /// A region whose mapping `owner` keeps alive (and releases when dropped). `region` must
+    /// describe memory inside that mapping (the caller built it with
+    /// `MmapRegion::build_raw` over the owner's mapping) or own its mapping itself (`None`).
+    pub fn new(region: GuestRegionMmap<()>, owner: Option<Box<dyn Send + Sync>>) -> Self {
+        RamRegion {
+            region,
+            _owner: owner,
+        }
+    }
+}
+
+/// Anonymous guest RAM at `ranges` (tests and fuzzing).
+pub fn anonymous_ram(ranges: &[(u64, usize)]) -> Result<Arc<GuestRam>, String> {
+    let regions = ranges
+        .iter()
+        .map(|&(at, len)| {
+            GuestRegionMmap::from_range(GuestAddress(at), len, None)
+                .map(|r| RamRegion::new(r, None))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestRegionCollection::from_regions(regions)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+impl GuestMemoryRegion for RamRegion {
+    type B = ();
+
+    fn len(&self) -> GuestUsize {
+        self.region.len()
+    }
+
+    fn start_addr(&self) -> GuestAddress {
+        self.region.start_addr()
+    }
+
+    fn bitmap(&self) -> BS<'_, ()> {}
+
+    fn get_host_address(&self, addr: MemoryRegionAddress) -> GuestMemoryResult<*mut u8> {
+        self.region.get_host_address(addr)
+    }
+
+    fn get_slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> GuestMemoryResult<VolatileSlice<'_, BS<'_, ()>>> {
+        self.region.get_slice(offset, count)
+    }
+}
+
+impl GuestMemoryRegionBytes for RamRegion {}
 
 /// Raises MSI-X vectors. Must never block (the server's implementation writes an eventfd
 /// without waiting).
@@ -52,4 +134,23 @@ impl InterruptSink for RecordedInterrupts {
 pub trait Clock: Send + Sync + fmt::Debug {
     /// Time since an arbitrary fixed origin (CLOCK_MONOTONIC in the server).
     fn now(&self) -> Duration;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemory};
+
+    #[test]
+    fn anonymous_ram_reads_back_and_refuses_holes() {
+        let ram = anonymous_ram(&[(0, 0x2000), (0x10000, 0x1000)]).unwrap();
+        ram.write_slice(&[1, 2, 3], GuestAddress(0x1ffd)).unwrap();
+        let mut b = [0u8; 3];
+        ram.read_slice(&mut b, GuestAddress(0x1ffd)).unwrap();
+        assert_eq!(b, [1, 2, 3]);
+        assert!(ram.read_slice(&mut b, GuestAddress(0x1fff)).is_err(), "runs into the hole");
+        assert!(ram.read_slice(&mut b, GuestAddress(0x5000)).is_err());
+        assert!(ram.check_address(GuestAddress(0x10fff)).is_some());
+        assert!(anonymous_ram(&[(0, 0x2000), (0x1000, 0x1000)]).is_err(), "overlap");
+    }
 }
