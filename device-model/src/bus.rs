@@ -139,7 +139,7 @@ pub trait Clock: Send + Sync + fmt::Debug {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory};
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     #[test]
     fn anonymous_ram_reads_back_and_refuses_holes() {
