@@ -128,9 +128,14 @@ pub enum InstanceError {
 }
 
 impl Instance {
-    /// Creates an instance of `ty` with memfd VRAM. Returns it with the VRAM file, which the
-    /// server passes to clients as the region fd (the instance itself keeps only the mapping).
-    pub fn new(ty: &VgpuType, uuid: Uuid, socket: PathBuf) -> Result<(Self, File), InstanceError> {
+    /// Creates an instance of `ty`, with memfd VRAM for a personality that has VRAM. Returns it
+    /// with the VRAM file, which the server passes to clients as the region fd (the instance
+    /// itself keeps only the mapping).
+    pub fn new(
+        ty: &VgpuType,
+        uuid: Uuid,
+        socket: PathBuf,
+    ) -> Result<(Self, Option<File>), InstanceError> {
         if !ty.personality.is_implemented() {
             return Err(DeviceError::UnimplementedPersonality(ty.personality).into());
         }
@@ -144,7 +149,7 @@ impl Instance {
         let device = Device::new(ty, uuid.as_bytes(), Box::new(vram))?;
         let mut instance = Instance::from_device(device, uuid, socket);
         instance.vram_view = Some(view);
-        Ok((instance, file))
+        Ok((instance, Some(file)))
     }
 
     /// An instance around an existing device (tests and fuzzing; VRAM of any backing).

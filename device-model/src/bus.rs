@@ -148,9 +148,15 @@ mod tests {
         let mut b = [0u8; 3];
         ram.read_slice(&mut b, GuestAddress(0x1ffd)).unwrap();
         assert_eq!(b, [1, 2, 3]);
-        assert!(ram.read_slice(&mut b, GuestAddress(0x1fff)).is_err(), "runs into the hole");
+        assert!(
+            ram.read_slice(&mut b, GuestAddress(0x1fff)).is_err(),
+            "runs into the hole"
+        );
         assert!(ram.read_slice(&mut b, GuestAddress(0x5000)).is_err());
         assert!(ram.check_address(GuestAddress(0x10fff)).is_some());
-        assert!(anonymous_ram(&[(0, 0x2000), (0x1000, 0x1000)]).is_err(), "overlap");
+        assert!(
+            anonymous_ram(&[(0, 0x2000), (0x1000, 0x1000)]).is_err(),
+            "overlap"
+        );
     }
 }

@@ -167,6 +167,18 @@ impl Device {
         })
     }
 
+    /// Gives the device guest RAM (`None`: the client is gone). (Placeholder until the
+    /// virtio-gpu transport lands; bochs never touches guest RAM.)
+    pub fn attach_memory(&mut self, _mem: Option<std::sync::Arc<crate::bus::GuestRam>>) {}
+
+    /// Gives the device the way to raise MSI-X vectors. (Placeholder, as above.)
+    pub fn attach_interrupts(&mut self, _irq: std::sync::Arc<dyn crate::bus::InterruptSink>) {}
+
+    /// MSI-X vectors the device has (0: none).
+    pub fn msix_vectors(&self) -> u32 {
+        0
+    }
+
     /// The type this device was built from.
     pub fn vgpu_type(&self) -> &VgpuType {
         &self.ty

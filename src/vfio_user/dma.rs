@@ -5,12 +5,21 @@
 //! (`F_SEAL_SHRINK`, which QEMU's `memory-backend-memfd` sets by default) and is large enough;
 //! otherwise touching the mapping after the client truncated the file would raise SIGBUS. A file
 //! without the seal is recorded like an fd-less region: reachable only through DMA_READ/WRITE
-//! messages, never through a mapping. No personality served today reads guest memory; the
-//! table is the plumbing virtio-gpu will use.
+//! messages, never through a mapping.
+//!
+//! The device model reaches guest RAM as a [`GuestRam`] built from the mapped, writable regions
+//! ([`DmaMaps::guest_ram`]). Each of its regions holds a reference on its mapping, so a handle a
+//! screenshot still holds keeps the pages mapped after the client unmapped them; the pages go
+//! when the last holder lets go. Regions the client announced read-only are left out: the model
+//! writes (rings, responses), and a write to a read-only mapping would fault.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use vgpu_model::bus::{GuestRam, RamRegion};
+use vm_memory::{GuestAddress, GuestRegionCollection, GuestRegionMmap, MmapRegion};
 
 use crate::sys::memfd::{cannot_shrink, Mapping};
 
@@ -36,7 +45,7 @@ pub struct DmaRegion {
     /// READ / WRITE flags as sent.
     pub flags: u32,
     /// The mapping, when the client sent the fd of a file that cannot shrink.
-    pub map: Option<Mapping>,
+    pub map: Option<Arc<Mapping>>,
 }
 
 /// Guest address -> region.
@@ -76,7 +85,7 @@ impl DmaMaps {
                 let prot = flags as i32;
                 let map = Mapping::new(&File::from(fd), offset, size, prot)
                     .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
-                (Some(map), Mapped::Yes)
+                (Some(Arc::new(map)), Mapped::Yes)
             }
             Some(_) => (None, Mapped::NotSealed),
             None => (None, Mapped::NoFd),
@@ -118,6 +127,39 @@ impl DmaMaps {
     /// No regions.
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()
+    }
+
+    /// Guest RAM as the device model sees it: every mapped region the client made readable and
+    /// writable. `None` when there is none.
+    pub fn guest_ram(&self) -> Option<Arc<GuestRam>> {
+        let rw = libc::PROT_READ as u32 | libc::PROT_WRITE as u32;
+        let regions: Vec<RamRegion> = self
+            .regions
+            .iter()
+            .filter(|(_, r)| r.flags & rw == rw)
+            .filter_map(|(&addr, r)| {
+                let map = r.map.as_ref()?;
+                let raw = map.region();
+                // SAFETY: `raw` describes the whole of `map`'s live shared mapping, and the
+                // region built here holds a reference on `map` (below), so the memory stays
+                // mapped for as long as the region exists. Prot and flags are the mapping's own.
+                let region = unsafe {
+                    MmapRegion::build_raw(
+                        raw.as_ptr(),
+                        raw.size(),
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                    )
+                }
+                .ok()?;
+                let region = GuestRegionMmap::new(region, GuestAddress(addr))?;
+                Some(RamRegion::new(region, Some(Box::new(map.clone()))))
+            })
+            .collect();
+        // The table keeps regions sorted and disjoint, which is all the collection checks.
+        GuestRegionCollection::from_regions(regions)
+            .ok()
+            .map(Arc::new)
     }
 
     /// Bytes mapped with an fd.
@@ -172,6 +214,35 @@ mod tests {
             "offset not page aligned"
         );
         assert_eq!(m.len(), 0);
+    }
+
+    #[test]
+    fn guest_ram_holds_writable_mapped_regions_and_outlives_an_unmap() {
+        use vm_memory::{Bytes, GuestMemoryBackend};
+        let mut m = DmaMaps::default();
+        assert!(m.guest_ram().is_none());
+        let f = memfd("ram", 0x2000).unwrap();
+        let client = f.try_clone().unwrap();
+        m.map(0x10000, 0x2000, 0, 3, Some(f.into())).unwrap();
+        m.map(0x0, 0x1000, 0, 3, None).unwrap();
+        let ro = memfd("rom", 0x1000).unwrap();
+        m.map(0x20000, 0x1000, 0, 1, Some(ro.into())).unwrap();
+        let ram = m.guest_ram().unwrap();
+        assert_eq!(
+            ram.num_regions(),
+            1,
+            "fd-less and read-only regions are left out"
+        );
+        ram.write_slice(b"ring", GuestAddress(0x11000)).unwrap();
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&client, &mut b, 0x1000).unwrap();
+        assert_eq!(&b, b"ring", "the client sees what the model wrote");
+        assert!(ram.read_slice(&mut b, GuestAddress(0x0)).is_err());
+        assert!(ram.read_slice(&mut b, GuestAddress(0x20000)).is_err());
+        // The client unmaps; a holder of the old handle still reads valid memory.
+        m.clear();
+        ram.read_slice(&mut b, GuestAddress(0x11000)).unwrap();
+        assert_eq!(&b, b"ring");
     }
 
     /// A file the client could truncate is never mapped: a later access would raise SIGBUS.

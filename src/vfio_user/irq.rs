@@ -170,6 +170,20 @@ impl Interrupts {
     }
 }
 
+/// The device model's way to raise MSI-X vectors: the client's eventfds of the MSI-X index.
+/// QEMU emulates the MSI-X table (masking included) on its side of the eventfd.
+#[derive(Debug)]
+pub struct MsixSink(pub Arc<Interrupts>);
+
+impl vgpu_model::bus::InterruptSink for MsixSink {
+    fn signal_msix(&self, vector: u16) {
+        self.0.signal(
+            vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX,
+            usize::from(vector),
+        );
+    }
+}
+
 /// Creates an eventfd of our own (tests and benchmarks; a client's stand-in).
 #[doc(hidden)]
 pub fn new_eventfd(flags: i32) -> io::Result<OwnedFd> {

@@ -54,7 +54,7 @@ use crate::instance::{lock, Instance, ServerStats, SharedInstance};
 use crate::log_limited;
 use crate::ratelimit::RateLimit;
 use crate::vfio_user::dma::{DmaMaps, Mapped};
-use crate::vfio_user::irq::{EventFd, Interrupts, Signalled};
+use crate::vfio_user::irq::{EventFd, Interrupts, MsixSink, Signalled};
 use crate::vfio_user::protocol::{self as p, cmd, flags, Header, HEADER_SIZE};
 use crate::vfio_user::scm::{self, MAX_FDS};
 
@@ -144,7 +144,7 @@ pub struct Server {
     instance: SharedInstance,
     stats: Arc<ServerStats>,
     irqs: Arc<Interrupts>,
-    vram_file: Arc<File>,
+    vram_file: Option<Arc<File>>,
     stop: Arc<AtomicBool>,
     active: Option<Active>,
     /// Clients that connected while another was attached, oldest first.
@@ -199,7 +199,7 @@ struct Conn {
 #[derive(Debug)]
 struct Ctx<'a> {
     instance: &'a SharedInstance,
-    vram: &'a File,
+    vram: Option<&'a File>,
     stats: &'a ServerStats,
     irqs: &'a Interrupts,
 }
@@ -209,18 +209,20 @@ struct Ctx<'a> {
 struct Session {
     caps: Option<Caps>,
     dma: DmaMaps,
+    /// The DMA table changed since the device was last given guest RAM.
+    ram_stale: bool,
     messages: u64,
     /// Limits logs of things a guest or client can repeat at will (resets, unsealed maps).
     noisy: RateLimit,
 }
 
 impl Server {
-    /// A server for `instance` on an already bound `listener`. `vram_file` is handed to clients
-    /// as the VRAM region's fd.
+    /// A server for `instance` on an already bound `listener`. `vram_file` (a personality with
+    /// mmap-able VRAM) is handed to clients as the VRAM region's fd.
     pub fn new(
         listener: std::os::unix::net::UnixListener,
         instance: SharedInstance,
-        vram_file: File,
+        vram_file: Option<File>,
     ) -> io::Result<(Server, StopHandle)> {
         listener.set_nonblocking(true)?;
         let mut listener = UnixListener::from_std(listener);
@@ -229,8 +231,14 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
-        let stats = lock(&instance).stats.clone();
-        let irqs = Arc::new(Session::interrupts());
+        let (stats, msix) = {
+            let inst = lock(&instance);
+            (inst.stats.clone(), inst.device.msix_vectors())
+        };
+        let irqs = Arc::new(Session::interrupts(msix));
+        lock(&instance)
+            .device
+            .attach_interrupts(Arc::new(MsixSink(irqs.clone())));
         Ok((
             Server {
                 poll,
@@ -239,7 +247,7 @@ impl Server {
                 instance,
                 stats,
                 irqs: irqs.clone(),
-                vram_file: Arc::new(vram_file),
+                vram_file: vram_file.map(Arc::new),
                 stop: stop.clone(),
                 active: None,
                 waiting: VecDeque::new(),
@@ -422,7 +430,7 @@ impl Server {
                     .spawn(move || {
                         let ctx = Ctx {
                             instance: &instance,
-                            vram: &vram,
+                            vram: vram.as_deref(),
                             stats: &stats,
                             irqs: &irqs,
                         };
@@ -438,7 +446,9 @@ impl Server {
                             irq_fds: irqs.clear(),
                             log: std::mem::take(&mut conn.log),
                         };
-                        // Close the socket and unmap DMA regions before reporting.
+                        // The device lets go of guest RAM; closing the socket and dropping the
+                        // table then unmaps it, before reporting.
+                        lock(&instance).device.attach_memory(None);
                         drop(conn);
                         flag.store(true, Ordering::SeqCst);
                         let _ = waker.wake();
@@ -893,10 +903,10 @@ pub fn fuzz_dispatch(data: &[u8]) {
         return;
     };
     let stats = ServerStats::default();
-    let irqs = Session::interrupts();
+    let irqs = Session::interrupts(lock(&instance).device.msix_vectors());
     let ctx = Ctx {
         instance: &instance,
-        vram: vram_file,
+        vram: Some(vram_file),
         stats: &stats,
         irqs: &irqs,
     };
@@ -1008,7 +1018,7 @@ pub fn fuzz_connection(data: &[u8]) {
     };
     drop(theirs);
     let stats = ServerStats::default();
-    let irqs = Session::interrupts();
+    let irqs = Session::interrupts(lock(&instance).device.msix_vectors());
     std::thread::scope(|scope| {
         scope.spawn(move || {
             for (fds, bytes) in &pieces {
@@ -1047,7 +1057,7 @@ pub fn fuzz_connection(data: &[u8]) {
         });
         let ctx = Ctx {
             instance: &instance,
-            vram: vram_file,
+            vram: Some(vram_file),
             stats: &stats,
             irqs: &irqs,
         };
@@ -1070,21 +1080,32 @@ fn put<T: IntoBytes + zerocopy::Immutable>(reply: &mut Vec<u8>, v: &T) {
 }
 
 impl Session {
-    /// Vectors per IRQ index. INTx, MSI and MSI-X have none (interrupt pin 0, no MSI
-    /// capabilities). ERR and REQ have one each, as on a PCIe vfio-pci device: QEMU's
-    /// vfio-user-pci always queries ERR (warning "Could not enable error recovery" at count 0)
-    /// and assigns it an eventfd; REQ lets a server ask a client to release the device.
-    fn irq_count(index: u32) -> u32 {
+    /// Vectors per IRQ index. INTx and MSI have none (interrupt pin 0, no MSI capability);
+    /// MSI-X has the device's vectors (none on bochs). ERR and REQ have one each, as on a PCIe
+    /// vfio-pci device: QEMU's vfio-user-pci always queries ERR (warning "Could not enable error
+    /// recovery" at count 0) and assigns it an eventfd; REQ lets a server ask a client to
+    /// release the device.
+    fn irq_count(index: u32, msix: u32) -> u32 {
         match index {
+            vb::VFIO_PCI_MSIX_IRQ_INDEX => msix,
             vb::VFIO_PCI_ERR_IRQ_INDEX | vb::VFIO_PCI_REQ_IRQ_INDEX => 1,
             _ => 0,
         }
     }
 
     /// An interrupt table with [`Session::irq_count`] vectors per index, none assigned.
-    fn interrupts() -> Interrupts {
-        let counts: Vec<u32> = (0..NUM_IRQS).map(Session::irq_count).collect();
+    fn interrupts(msix: u32) -> Interrupts {
+        let counts: Vec<u32> = (0..NUM_IRQS).map(|i| Session::irq_count(i, msix)).collect();
         Interrupts::new(&counts)
+    }
+
+    /// Gives the device the current guest RAM if the DMA table changed since it last got it.
+    /// The collection is built outside the instance lock (no system call either way).
+    fn refresh_ram(&mut self, ctx: &Ctx<'_>) {
+        if std::mem::take(&mut self.ram_stale) {
+            let ram = self.dma.guest_ram();
+            lock(ctx.instance).device.attach_memory(ram);
+        }
     }
 
     /// Acts on one message. The instance lock is taken only around device-model calls.
@@ -1119,6 +1140,12 @@ impl Session {
             // Everything but VERSION needs a negotiated connection.
             return Err(libc::EINVAL);
         };
+        if matches!(
+            command,
+            cmd::REGION_READ | cmd::REGION_WRITE | cmd::REGION_WRITE_MULTI | cmd::DEVICE_RESET
+        ) {
+            self.refresh_ram(ctx);
+        }
         match command {
             cmd::DMA_MAP => {
                 let m: p::DmaMap = p::read(payload).ok_or(libc::EINVAL)?;
@@ -1136,6 +1163,7 @@ impl Session {
                     m.flags.get(),
                     fds.into_iter().next(),
                 )?;
+                self.ram_stale = true;
                 if mapped == Mapped::NotSealed {
                     log_limited!(
                         self.noisy,
@@ -1173,6 +1201,7 @@ impl Session {
                 } else {
                     self.dma.unmap(u.addr.get(), u.size.get())?;
                 }
+                self.ram_stale = true;
                 put(
                     reply,
                     &p::DmaUnmap {
@@ -1213,10 +1242,14 @@ impl Session {
                     return Err(libc::EINVAL);
                 }
                 let mut fl = vb::VFIO_IRQ_INFO_EVENTFD;
-                fl |= if index == vb::VFIO_PCI_INTX_IRQ_INDEX {
-                    vb::VFIO_IRQ_INFO_MASKABLE | vb::VFIO_IRQ_INFO_AUTOMASKED
-                } else {
-                    vb::VFIO_IRQ_INFO_NORESIZE
+                fl |= match index {
+                    vb::VFIO_PCI_INTX_IRQ_INDEX => {
+                        vb::VFIO_IRQ_INFO_MASKABLE | vb::VFIO_IRQ_INFO_AUTOMASKED
+                    }
+                    // QEMU then assigns MSI-X vectors one SET_IRQS at a time, as the guest
+                    // unmasks them.
+                    vb::VFIO_PCI_MSIX_IRQ_INDEX => 0,
+                    _ => vb::VFIO_IRQ_INFO_NORESIZE,
                 };
                 put(
                     reply,
@@ -1224,7 +1257,7 @@ impl Session {
                         argsz: U32::new(size_of::<p::IrqInfo>() as u32),
                         flags: U32::new(fl),
                         index: U32::new(index),
-                        count: U32::new(Self::irq_count(index)),
+                        count: U32::new(ctx.irqs.count(index) as u32),
                     },
                 );
                 Ok(())
@@ -1459,7 +1492,7 @@ impl Session {
 fn region_info(
     req: &p::RegionInfo,
     info: &vgpu_model::RegionInfo,
-    vram: &File,
+    vram: Option<&File>,
     reply: &mut Vec<u8>,
     reply_fds: &mut Vec<RawFd>,
 ) -> Result<(), i32> {
@@ -1525,7 +1558,8 @@ fn region_info(
                 },
             );
         }
-        reply_fds.push(vram.as_raw_fd());
+        // Only a personality with VRAM has mmap areas.
+        reply_fds.extend(vram.map(|f| f.as_raw_fd()));
     }
     Ok(())
 }
