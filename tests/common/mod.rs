@@ -167,9 +167,14 @@ impl Served {
 
     /// `vgpu-emu screenshot` decoded to (width, height, RGB).
     pub fn screenshot(&self) -> Result<(u32, u32, Vec<u8>), String> {
+        self.screenshot_head(0)
+    }
+
+    /// `vgpu-emu screenshot --head HEAD` decoded to (width, height, RGB).
+    pub fn screenshot_head(&self, head: u32) -> Result<(u32, u32, Vec<u8>), String> {
         let png = self.dir.path().join("shot.png");
         let out = Command::new(BIN)
-            .args(["screenshot", "--socket"])
+            .args(["screenshot", "--head", &head.to_string(), "--socket"])
             .arg(&self.socket)
             .arg("-o")
             .arg(&png)
