@@ -244,7 +244,7 @@ impl VendorCapability {
             .filter(|&(id, _)| id == CAP_ID_VENDOR)
             .find_map(|(_, at)| {
                 let c = config.get(at..)?;
-                if c.get(3) == Some(&Self::LAYOUT) {
+                if c.get(2) == Some(&(Self::LEN as u8)) && c.get(3) == Some(&Self::LAYOUT) {
                     Some(decode(c.get(4..Self::LEN)?))
                 } else if c.get(3) == Some(&VIRTIO_PCI_CAP_VENDOR_CFG)
                     && c.get(4..6) == Some(&IDENTITY_VENDOR_ID.to_le_bytes()[..])

@@ -14,3 +14,6 @@ pub mod transport;
 
 pub use commands::{Completion, Gpu, HeadSource, MAX_REQUEST};
 pub use transport::Transport;
+
+#[cfg(test)]
+mod transport_tests;
