@@ -188,7 +188,7 @@ impl HeadImage {
 #[derive(Debug)]
 enum Model {
     Bochs {
-        regs: BochsRegs,
+        regs: Box<BochsRegs>,
         vram: Box<dyn Vram>,
     },
     VirtioGpu(Box<Transport>),
@@ -226,7 +226,7 @@ impl Device {
                 (
                     vec![VendorCapability::bochs(ty)],
                     Model::Bochs {
-                        regs: BochsRegs::new(ty, uuid),
+                        regs: Box::new(BochsRegs::new(ty, uuid)),
                         vram,
                     },
                 )

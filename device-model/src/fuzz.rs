@@ -175,7 +175,7 @@ pub fn run_virtio_ops(type_index: u8, data: &[u8]) -> usize {
             }
             1 => {
                 let v = INTERESTING[usize::from(b) % INTERESTING.len()].to_le_bytes();
-                let _ = dev.write(region, offset, &v[..len.min(2).max(1)]);
+                let _ = dev.write(region, offset, &v[..len.clamp(1, 2)]);
             }
             2 => {
                 let value = take(len).map(<[u8]>::to_vec).unwrap_or_default();

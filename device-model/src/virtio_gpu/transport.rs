@@ -508,12 +508,10 @@ impl Transport {
         };
         match page {
             layout::COMMON => copy(&self.common_image(), data),
-            layout::ISR => {
-                if at == 0 && !data.is_empty() {
-                    data[0] = self.isr;
-                    // Read-to-clear (virtio 1.2, 4.1.4.5).
-                    self.isr = 0;
-                }
+            // Read-to-clear (virtio 1.2, 4.1.4.5).
+            layout::ISR if at == 0 && !data.is_empty() => {
+                data[0] = self.isr;
+                self.isr = 0;
             }
             layout::DEVICE => copy(&self.device_config(), data),
             _ => {}
@@ -797,11 +795,11 @@ impl Transport {
         }
         let mut used = 0u32;
         for _ in 0..size {
-            let mut iter = queue.iter(mem).map_err(RingError::Queue)?;
-            let Some(chain) = iter.next() else {
+            // A fresh iterator per chain re-reads the driver's index (and checks it is at
+            // most a ring ahead of us), as `pop_descriptor_chain` does, without its logging.
+            let Some(chain) = queue.iter(mem).map_err(RingError::Queue)?.next() else {
                 break;
             };
-            drop(iter);
             let head = chain.head_index();
             let len = serve_chain(&mut self.gpu, qi, chain, mem, &mut self.notices)?;
             queue
