@@ -352,10 +352,12 @@ mod tests {
             let r = run_register_ops(seed as u8, &bytes(seed, 2048));
             total.ops += r.ops;
             total.displaying += r.displaying;
+            total.virtio_ops += r.virtio_ops;
         }
         assert!(total.ops > 100_000, "{total:?}");
         // Not vacuous: random sequences do reach displaying modes and the capture checks.
         assert!(total.displaying > 0, "{total:?}");
+        assert!(total.virtio_ops > 100_000, "{total:?}");
     }
 
     #[test]
