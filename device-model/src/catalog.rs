@@ -95,7 +95,7 @@ max_instances = 8
 pub enum Personality {
     /// QEMU's bochs-display ABI (1234:1111), driven by Linux `bochs` and OVMF; one head.
     Bochs,
-    /// virtio-gpu (1af4:1050), multi-head; not served yet.
+    /// virtio-gpu (1af4:1050), multi-head.
     VirtioGpu,
 }
 
@@ -122,7 +122,7 @@ impl Personality {
 
     /// Whether this build has a device model for the personality (and can serve it).
     pub fn is_implemented(self) -> bool {
-        matches!(self, Personality::Bochs)
+        matches!(self, Personality::Bochs | Personality::VirtioGpu)
     }
 }
 

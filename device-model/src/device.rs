@@ -1,17 +1,24 @@
-//! One vGPU instance as the guest sees it: regions, register accesses, reset and saved state.
+//! One vGPU instance as the guest sees it: regions, register accesses, reset and saved state,
+//! for either personality (bochs: VRAM and BAR2 registers; virtio-gpu: the virtio-pci
+//! transport and the GPU behind it, no VRAM).
 //!
 //! Region indexes follow VFIO's PCI layout (BAR0-5 = 0-5, ROM = 6, config = 7, VGA = 8), so the
 //! server passes indexes through unchanged. Every access enters through [`Device::read`] or
 //! [`Device::write`], which check the region and range before anything else runs: a request
 //! outside a region is refused with an [`AccessError`], never served from outside it.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::bochs::{self, BochsRegs, BochsState};
+use crate::bus::{GuestRam, InterruptSink};
 use crate::catalog::{BarKind, Personality, VgpuType};
-use crate::pci::{ConfigSpace, ConfigSpaceState, CONFIG_SPACE_SIZE};
+use crate::pci::{ConfigSpace, ConfigSpaceState, VendorCapability, CONFIG_SPACE_SIZE};
 use crate::scanout::{Frame, NotDisplaying, Scanout};
-use crate::vram::Vram;
+use crate::virtio_gpu::transport::{self, Transport, PCI_CFG_CAP_INDEX, PCI_CFG_DATA};
+use crate::virtio_gpu::HeadSource;
+use crate::vram::{Vram, VramRead};
 
 /// VFIO region index of config space.
 pub const CONFIG_REGION: u32 = 7;
@@ -21,6 +28,8 @@ pub const NUM_REGIONS: u32 = 9;
 pub const NUM_IRQS: u32 = 5;
 /// Version of the [`DeviceState`] layout.
 pub const STATE_FORMAT: u32 = 1;
+/// Notices [`Device::take_notices`] returns at most per call (beyond: one line counts them).
+pub const MAX_NOTICES: usize = transport::MAX_NOTICES;
 
 /// Region capability flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
@@ -93,6 +102,12 @@ pub enum DeviceError {
         /// Given.
         got: u64,
     },
+    /// A personality with VRAM was given none.
+    #[error("type {0} needs VRAM and was given none")]
+    NoVram(String),
+    /// A personality without VRAM was given some.
+    #[error("type {0} has no VRAM; none may be given")]
+    UnexpectedVram(String),
     /// Saved state does not fit this device.
     #[error("saved state does not fit this device: {0}")]
     State(String),
@@ -120,6 +135,10 @@ pub struct AccessCounters {
 }
 
 /// Saved device state (VRAM is not included: it lives in its own backing).
+///
+/// virtio-gpu: only the config space and the device status are saved; a device whose driver
+/// has started (status not 0: negotiated features, live queues, GPU resources) cannot be
+/// saved faithfully, and [`Device::restore`] refuses such a state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
     /// [`STATE_FORMAT`].
@@ -130,8 +149,49 @@ pub struct DeviceState {
     pub type_version: u32,
     /// Config space.
     pub config: ConfigSpaceState,
-    /// Personality registers.
+    /// Personality registers (bochs; the default on virtio-gpu).
     pub bochs: BochsState,
+    /// virtio-gpu transport (absent on bochs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtio_gpu: Option<VirtioGpuState>,
+}
+
+/// Saved virtio-gpu transport state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioGpuState {
+    /// The device status register (only 0 can be restored).
+    pub device_status: u8,
+}
+
+/// What a head shows, held so a frame can be copied without the device (and outside the
+/// instance lock).
+#[derive(Clone, Debug)]
+pub enum HeadImage {
+    /// bochs: where the image lies in VRAM; copy it from a view of the VRAM.
+    Vram(Scanout),
+    /// virtio-gpu: a host resource or guest-memory blob, holding what it needs.
+    Gpu(HeadSource),
+}
+
+impl HeadImage {
+    /// Copies the image. A [`HeadImage::Vram`] needs `vram` (the device's VRAM or a view of
+    /// it) and is `None` without; a [`HeadImage::Gpu`] ignores it.
+    pub fn capture(&self, vram: Option<&dyn VramRead>) -> Option<Frame> {
+        match self {
+            HeadImage::Vram(s) => vram.map(|v| Frame::capture(s, v)),
+            HeadImage::Gpu(source) => Some(source.capture()),
+        }
+    }
+}
+
+/// The personality behind the config space.
+#[derive(Debug)]
+enum Model {
+    Bochs {
+        regs: Box<BochsRegs>,
+        vram: Box<dyn Vram>,
+    },
+    VirtioGpu(Box<Transport>),
 }
 
 /// A vGPU device instance.
@@ -139,44 +199,93 @@ pub struct DeviceState {
 pub struct Device {
     ty: VgpuType,
     config: ConfigSpace,
-    regs: BochsRegs,
-    vram: Box<dyn Vram>,
+    model: Model,
+    mem: Option<Arc<GuestRam>>,
     counters: AccessCounters,
 }
 
 impl Device {
-    /// An instance of `ty` with VRAM `vram` (exactly the type's framebuffer size) and the
-    /// instance `uuid` (EDID serial).
-    pub fn new(ty: &VgpuType, uuid: &[u8; 16], vram: Box<dyn Vram>) -> Result<Self, DeviceError> {
-        if ty.personality != Personality::Bochs {
-            return Err(DeviceError::UnimplementedPersonality(ty.personality));
-        }
-        if vram.size() != ty.framebuffer {
-            return Err(DeviceError::VramSize {
-                ty: ty.key(),
-                want: ty.framebuffer,
-                got: vram.size(),
-            });
-        }
+    /// An instance of `ty` with the instance `uuid` (EDID serials) and, for a personality with
+    /// VRAM (bochs), `vram` of exactly the type's framebuffer size. virtio-gpu has no VRAM
+    /// (its framebuffer is a resource budget in guest memory): `vram` must be `None`.
+    pub fn new(
+        ty: &VgpuType,
+        uuid: &[u8; 16],
+        vram: Option<Box<dyn Vram>>,
+    ) -> Result<Self, DeviceError> {
+        let (caps, model) = match (ty.personality, vram) {
+            (Personality::Bochs, None) => return Err(DeviceError::NoVram(ty.key())),
+            (Personality::Bochs, Some(vram)) => {
+                if vram.size() != ty.framebuffer {
+                    return Err(DeviceError::VramSize {
+                        ty: ty.key(),
+                        want: ty.framebuffer,
+                        got: vram.size(),
+                    });
+                }
+                (
+                    vec![VendorCapability::bochs(ty)],
+                    Model::Bochs {
+                        regs: Box::new(BochsRegs::new(ty, uuid)),
+                        vram,
+                    },
+                )
+            }
+            (Personality::VirtioGpu, Some(_)) => return Err(DeviceError::UnexpectedVram(ty.key())),
+            (Personality::VirtioGpu, None) => (
+                transport::capabilities(ty),
+                Model::VirtioGpu(Box::new(Transport::new(ty, uuid))),
+            ),
+        };
         Ok(Device {
             ty: ty.clone(),
-            config: ConfigSpace::new(ty),
-            regs: BochsRegs::new(ty, uuid),
-            vram,
+            config: ConfigSpace::new(ty, &caps),
+            model,
+            mem: None,
             counters: AccessCounters::default(),
         })
     }
 
-    /// Gives the device guest RAM (`None`: the client is gone). (Placeholder until the
-    /// virtio-gpu transport lands; bochs never touches guest RAM.)
-    pub fn attach_memory(&mut self, _mem: Option<std::sync::Arc<crate::bus::GuestRam>>) {}
+    /// Gives the device guest RAM (`None`: the client is gone). bochs never touches guest RAM.
+    /// virtio-gpu: queue notifications that arrived without memory are served now.
+    pub fn attach_memory(&mut self, mem: Option<Arc<GuestRam>>) {
+        self.mem = mem.clone();
+        if let Model::VirtioGpu(t) = &mut self.model {
+            t.attach_memory(mem);
+        }
+    }
 
-    /// Gives the device the way to raise MSI-X vectors. (Placeholder, as above.)
-    pub fn attach_interrupts(&mut self, _irq: std::sync::Arc<dyn crate::bus::InterruptSink>) {}
+    /// Gives the device the way to raise MSI-X vectors (the default drops them).
+    pub fn attach_interrupts(&mut self, irq: Arc<dyn InterruptSink>) {
+        if let Model::VirtioGpu(t) = &mut self.model {
+            t.attach_interrupts(irq);
+        }
+    }
 
-    /// MSI-X vectors the device has (0: none).
+    /// MSI-X vectors the device has (0: none, bochs).
     pub fn msix_vectors(&self) -> u32 {
-        0
+        match self.model {
+            Model::Bochs { .. } => 0,
+            Model::VirtioGpu(_) => u32::from(transport::MSIX_VECTORS),
+        }
+    }
+
+    /// Takes what the device noticed since the last call that the server should log (a guest
+    /// broke a ring, features were refused). At most [`MAX_NOTICES`] lines and one counting
+    /// the dropped rest; the model itself logs nothing.
+    pub fn take_notices(&mut self) -> Vec<String> {
+        match &mut self.model {
+            Model::Bochs { .. } => Vec::new(),
+            Model::VirtioGpu(t) => t.take_notices(),
+        }
+    }
+
+    /// The virtio-gpu transport (`None` on bochs).
+    pub fn virtio_gpu(&self) -> Option<&Transport> {
+        match &self.model {
+            Model::VirtioGpu(t) => Some(t),
+            Model::Bochs { .. } => None,
+        }
     }
 
     /// The type this device was built from.
@@ -206,6 +315,8 @@ impl Device {
         } else if let Some(bar) = self.ty.bars.iter().find(|b| u32::from(b.index) == index) {
             info.size = bar.size;
             info.flags = rw;
+            // Only VRAM is mmap-able: trapped registers (bochs BAR2, virtio-gpu BAR1 and
+            // BAR4) never are, and virtio-gpu has no mmap-able region at all.
             if bar.kind == BarKind::Vram {
                 info.flags.mmap = true;
                 info.mmap_areas.push(MmapArea {
@@ -245,109 +356,233 @@ impl Device {
         Ok(())
     }
 
+    fn target(&self, region: u32) -> BarTarget {
+        if region == CONFIG_REGION {
+            return BarTarget::Config;
+        }
+        match self
+            .ty
+            .bars
+            .iter()
+            .find(|b| u32::from(b.index) == region)
+            .map(|b| b.kind)
+        {
+            Some(BarKind::Vram) => BarTarget::Vram,
+            Some(BarKind::Msix) => BarTarget::Msix,
+            Some(BarKind::Virtio) => BarTarget::Virtio,
+            _ => BarTarget::Registers,
+        }
+    }
+
     fn check(&mut self, region: u32, offset: u64, len: usize) -> Result<BarTarget, AccessError> {
         if let Err(e) = self.validate(region, offset, len) {
             self.counters.refused += 1;
             return Err(e);
         }
-        Ok(if region == CONFIG_REGION {
-            BarTarget::Config
-        } else {
-            match self
-                .ty
-                .bars
-                .iter()
-                .find(|b| u32::from(b.index) == region)
-                .map(|b| b.kind)
-            {
-                Some(BarKind::Vram) => BarTarget::Vram,
-                _ => BarTarget::Registers,
-            }
-        })
+        Ok(self.target(region))
     }
 
     /// Reads `data.len()` bytes of region `region` at `offset`.
     pub fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), AccessError> {
-        match self.check(region, offset, data.len())? {
-            BarTarget::Config => {
+        let target = self.check(region, offset, data.len())?;
+        self.read_target(target, offset, data);
+        Ok(())
+    }
+
+    /// Reads a checked range.
+    fn read_target(&mut self, target: BarTarget, offset: u64, data: &mut [u8]) {
+        match (target, &mut self.model) {
+            (BarTarget::Config, _) => {
                 self.counters.config_reads += 1;
                 // `check` bounded the range to the 256-byte space.
+                if let Some(window) = self.pci_cfg_window() {
+                    if overlaps(offset, data.len(), window, 4) {
+                        self.pci_cfg_access(window, false);
+                    }
+                }
                 self.config.read(offset as usize, data);
             }
-            BarTarget::Vram => {
+            (BarTarget::Vram, Model::Bochs { vram, .. }) => {
                 self.counters.vram_accesses += 1;
-                self.vram.read(offset, data);
+                vram.read(offset, data);
             }
-            BarTarget::Registers => {
+            (BarTarget::Registers, Model::Bochs { regs, .. }) => {
                 self.counters.register_reads += 1;
-                self.regs.read(offset, data);
+                regs.read(offset, data);
             }
+            (BarTarget::Msix, Model::VirtioGpu(t)) => {
+                self.counters.register_reads += 1;
+                t.msix_read(offset, data);
+            }
+            (BarTarget::Virtio, Model::VirtioGpu(t)) => {
+                self.counters.register_reads += 1;
+                t.read(offset, data);
+            }
+            // A BAR kind the personality does not have (the catalog derives BARs from the
+            // personality, so this is unreachable); reads as zeros.
+            _ => data.fill(0),
         }
-        Ok(())
     }
 
     /// Writes `data` to region `region` at `offset`.
     pub fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), AccessError> {
-        match self.check(region, offset, data.len())? {
-            BarTarget::Config => {
-                self.counters.config_writes += 1;
-                self.config.write(offset as usize, data);
-            }
-            BarTarget::Vram => {
-                self.counters.vram_accesses += 1;
-                self.vram.write(offset, data);
-            }
-            BarTarget::Registers => {
-                self.counters.register_writes += 1;
-                self.counters.ignored_writes += u64::from(self.regs.write(offset, data));
-            }
-        }
+        let target = self.check(region, offset, data.len())?;
+        self.write_target(target, offset, data);
         Ok(())
     }
 
-    /// Device reset: registers and config space to power-on values; VRAM keeps its contents
-    /// (as real VRAM does across a function reset).
+    /// Writes a checked range.
+    fn write_target(&mut self, target: BarTarget, offset: u64, data: &[u8]) {
+        match (target, &mut self.model) {
+            (BarTarget::Config, _) => {
+                self.counters.config_writes += 1;
+                self.config.write(offset as usize, data);
+                if let Some(window) = self.pci_cfg_window() {
+                    if overlaps(offset, data.len(), window, 4) {
+                        self.pci_cfg_access(window, true);
+                    }
+                }
+            }
+            (BarTarget::Vram, Model::Bochs { vram, .. }) => {
+                self.counters.vram_accesses += 1;
+                vram.write(offset, data);
+            }
+            (BarTarget::Registers, Model::Bochs { regs, .. }) => {
+                self.counters.register_writes += 1;
+                self.counters.ignored_writes += u64::from(regs.write(offset, data));
+            }
+            (BarTarget::Msix, Model::VirtioGpu(t)) => {
+                self.counters.register_writes += 1;
+                self.counters.ignored_writes += u64::from(t.msix_write(offset, data));
+            }
+            (BarTarget::Virtio, Model::VirtioGpu(t)) => {
+                self.counters.register_writes += 1;
+                self.counters.ignored_writes += u64::from(t.write(offset, data));
+            }
+            _ => self.counters.ignored_writes += 1,
+        }
+    }
+
+    /// The data window of the virtio PCI_CFG capability (virtio-gpu only).
+    fn pci_cfg_window(&self) -> Option<u64> {
+        match self.model {
+            Model::VirtioGpu(_) => self
+                .config
+                .capability_offset(PCI_CFG_CAP_INDEX)
+                .map(|cap| (cap + PCI_CFG_DATA) as u64),
+            Model::Bochs { .. } => None,
+        }
+    }
+
+    /// An access through the PCI_CFG window (virtio 1.2, 4.1.4.9): the capability's `bar`,
+    /// `offset` and `length` (1, 2 or 4, offset aligned to it) select a BAR range, and
+    /// `pci_cfg_data` is read from or written to it. Anything else does nothing.
+    fn pci_cfg_access(&mut self, window: u64, write: bool) {
+        let cap = window as usize - PCI_CFG_DATA;
+        let b = self.config.bytes();
+        let bar = b[cap + 4];
+        let offset = u32::from_le_bytes([b[cap + 8], b[cap + 9], b[cap + 10], b[cap + 11]]);
+        let length = u32::from_le_bytes([b[cap + 12], b[cap + 13], b[cap + 14], b[cap + 15]]);
+        let len = match length {
+            1 | 2 | 4 if offset % length == 0 => length as usize,
+            _ => return,
+        };
+        let region = u32::from(bar);
+        if region == CONFIG_REGION || self.validate(region, u64::from(offset), len).is_err() {
+            return;
+        }
+        let target = self.target(region);
+        if write {
+            let mut data = [0u8; 4];
+            data[..len].copy_from_slice(&self.config.bytes()[window as usize..][..len]);
+            self.write_target(target, u64::from(offset), &data[..len]);
+        } else {
+            let mut data = [0u8; 4];
+            self.read_target(target, u64::from(offset), &mut data[..len]);
+            self.config.set_bytes(window as usize, &data);
+        }
+    }
+
+    /// Device reset (a function reset: vfio-user DEVICE_RESET): registers and config space to
+    /// power-on values. bochs VRAM keeps its contents (as real VRAM does across a function
+    /// reset); virtio-gpu drops its queues, negotiated features and GPU resources.
     pub fn reset(&mut self) {
         self.config.reset();
-        self.regs.reset();
+        match &mut self.model {
+            Model::Bochs { regs, .. } => regs.reset(),
+            Model::VirtioGpu(t) => t.function_reset(),
+        }
         self.counters.resets += 1;
     }
 
-    /// What head `head` shows, or why nothing.
+    /// What head `head` shows, as VRAM geometry (bochs). virtio-gpu heads have no VRAM
+    /// scanout: use [`Device::head_source`].
     pub fn scanout(&self, head: u32) -> Result<Scanout, NotDisplaying> {
         if head >= self.ty.num_heads {
             return Err(NotDisplaying::NoSuchHead(head));
         }
-        let s = self.regs.scanout()?;
+        let Model::Bochs { regs, vram } = &self.model else {
+            return Err(NotDisplaying::Disabled);
+        };
+        let s = regs.scanout()?;
         // Defence in depth: the register model already guarantees this.
-        if s.offset + u64::from(s.stride) * u64::from(s.height) > self.vram.size() {
+        let end = s.offset + u64::from(s.stride) * u64::from(s.height);
+        if end > vram.size() {
             return Err(NotDisplaying::PastVram {
-                end: s.offset + u64::from(s.stride) * u64::from(s.height),
-                vram: self.vram.size(),
+                end,
+                vram: vram.size(),
             });
         }
         Ok(s)
     }
 
-    /// Copies head `head`'s visible image out of VRAM.
+    /// What head `head` shows, for either personality, as something a frame can be copied
+    /// from after the device is released: bochs gives the scanout (copy it from a VRAM view),
+    /// virtio-gpu the GPU's source for the head (which holds its pixels or guest RAM).
+    pub fn head_source(&self, head: u32) -> Result<HeadImage, NotDisplaying> {
+        match &self.model {
+            Model::Bochs { .. } => self.scanout(head).map(HeadImage::Vram),
+            Model::VirtioGpu(t) => t.gpu().head(head, self.mem.as_ref()).map(HeadImage::Gpu),
+        }
+    }
+
+    /// Copies head `head`'s visible image.
     pub fn capture(&self, head: u32) -> Result<Frame, NotDisplaying> {
-        let s = self.scanout(head)?;
-        Ok(Frame::capture(&s, self.vram.as_ref()))
+        let source = self.head_source(head)?;
+        let vram: Option<&dyn VramRead> = match &self.model {
+            Model::Bochs { vram, .. } => Some(vram.as_ref()),
+            Model::VirtioGpu(_) => None,
+        };
+        source.capture(vram).ok_or(NotDisplaying::Disabled)
     }
 
-    /// The VRAM backing.
-    pub fn vram(&self) -> &dyn Vram {
-        self.vram.as_ref()
+    /// The VRAM backing (`None`: virtio-gpu has no VRAM).
+    pub fn vram(&self) -> Option<&dyn Vram> {
+        match &self.model {
+            Model::Bochs { vram, .. } => Some(vram.as_ref()),
+            Model::VirtioGpu(_) => None,
+        }
     }
 
-    /// Whether the guest blanked the display through the VGA attribute index.
+    /// Whether the guest blanked the display through the VGA attribute index (bochs).
     pub fn blanked(&self) -> bool {
-        self.regs.blanked()
+        match &self.model {
+            Model::Bochs { regs, .. } => regs.blanked(),
+            Model::VirtioGpu(_) => false,
+        }
     }
 
-    /// The EDID of head 0.
+    /// The EDID of head 0 (empty when the GPU has none).
     pub fn edid(&self) -> &[u8] {
-        self.regs.edid()
+        self.head_edid(0).unwrap_or(&[])
+    }
+
+    /// The EDID of head `head`.
+    pub fn head_edid(&self, head: u32) -> Option<&[u8]> {
+        match &self.model {
+            Model::Bochs { regs, .. } => (head == 0).then_some(&regs.edid()[..]),
+            Model::VirtioGpu(t) => t.gpu().edid(head),
+        }
     }
 
     /// The config space.
@@ -355,9 +590,12 @@ impl Device {
         &self.config
     }
 
-    /// A DISPI register as the guest reads it (for status displays).
+    /// A DISPI register as the guest reads it (for status displays; 0 on virtio-gpu).
     pub fn dispi(&self, index: usize) -> u16 {
-        self.regs.dispi(index)
+        match &self.model {
+            Model::Bochs { regs, .. } => regs.dispi(index),
+            Model::VirtioGpu(_) => 0,
+        }
     }
 
     /// Access counters.
@@ -367,16 +605,27 @@ impl Device {
 
     /// The state to save.
     pub fn state(&self) -> DeviceState {
+        let (bochs, virtio_gpu) = match &self.model {
+            Model::Bochs { regs, .. } => (regs.state(), None),
+            Model::VirtioGpu(t) => (
+                BochsState::default(),
+                Some(VirtioGpuState {
+                    device_status: t.device_status(),
+                }),
+            ),
+        };
         DeviceState {
             format: STATE_FORMAT,
             type_name: self.ty.name.clone(),
             type_version: self.ty.version,
             config: self.config.state(),
-            bochs: self.regs.state(),
+            bochs,
+            virtio_gpu,
         }
     }
 
-    /// Restores saved state taken from a device of the same type version.
+    /// Restores saved state taken from a device of the same type version. virtio-gpu: only a
+    /// state saved while the driver had not started (device status 0); the transport is reset.
     pub fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
         if state.format != STATE_FORMAT {
             return Err(DeviceError::State(format!(
@@ -392,27 +641,74 @@ impl Device {
                 self.ty.key()
             )));
         }
+        if let Model::VirtioGpu(_) = self.model {
+            match &state.virtio_gpu {
+                Some(v) if v.device_status == 0 => {}
+                Some(v) => {
+                    return Err(DeviceError::State(format!(
+                        "virtio-gpu state with device status {:#x}: live queues and resources \
+                         are not saved",
+                        v.device_status
+                    )))
+                }
+                None => {
+                    return Err(DeviceError::State(
+                        "state has no virtio-gpu transport".to_string(),
+                    ))
+                }
+            }
+        }
         self.config
             .restore(&state.config)
             .map_err(DeviceError::State)?;
-        self.regs.restore(&state.bochs);
+        match &mut self.model {
+            Model::Bochs { regs, .. } => regs.restore(&state.bochs),
+            Model::VirtioGpu(t) => t.reset(),
+        }
         Ok(())
     }
 
     /// Reads the whole register BAR as a guest would see it at power-on (for the ABI
-    /// fingerprint and `vgpu-emu diff`), then resets the registers.
+    /// fingerprint and `vgpu-emu diff`), then resets the registers. bochs: BAR2; virtio-gpu:
+    /// BAR4 (common configuration with feature select 0, ISR, device configuration).
     pub fn register_image(&mut self) -> Vec<u8> {
-        let mut image = vec![0u8; bochs::MMIO_SIZE as usize];
-        self.regs.read(0, &mut image);
-        self.regs.reset();
-        image
+        match &mut self.model {
+            Model::Bochs { regs, .. } => {
+                let mut image = vec![0u8; bochs::MMIO_SIZE as usize];
+                regs.read(0, &mut image);
+                regs.reset();
+                image
+            }
+            Model::VirtioGpu(t) => {
+                let size = self
+                    .ty
+                    .bars
+                    .iter()
+                    .find(|b| b.kind == BarKind::Virtio)
+                    .map_or(0, |b| b.size as usize);
+                let mut image = vec![0u8; size];
+                let page = transport::layout::PAGE as usize;
+                for (i, chunk) in image.chunks_mut(page).enumerate() {
+                    t.read((i * page) as u64, chunk);
+                }
+                t.function_reset();
+                image
+            }
+        }
     }
 }
 
+fn overlaps(offset: u64, len: usize, start: u64, size: u64) -> bool {
+    offset < start + size && start < offset.saturating_add(len as u64)
+}
+
+#[derive(Clone, Copy)]
 enum BarTarget {
     Config,
     Vram,
     Registers,
+    Msix,
+    Virtio,
 }
 
 #[cfg(test)]
@@ -428,7 +724,7 @@ mod tests {
         Device::new(
             ty,
             &[1; 16],
-            Box::new(VecVram::new(ty.framebuffer as usize)),
+            Some(Box::new(VecVram::new(ty.framebuffer as usize))),
         )
         .unwrap()
     }
@@ -485,19 +781,22 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_personality_and_wrong_vram_are_errors() {
+    fn vram_only_where_the_personality_has_it() {
         let c = Catalog::builtin().unwrap();
         let m60 = c.resolve("M60-2Q").unwrap();
         assert!(matches!(
-            Device::new(m60, &[0; 16], Box::new(VecVram::new(4096))),
-            Err(DeviceError::UnimplementedPersonality(
-                Personality::VirtioGpu
-            ))
+            Device::new(m60, &[0; 16], Some(Box::new(VecVram::new(4096)))),
+            Err(DeviceError::UnexpectedVram(_))
         ));
+        assert!(Device::new(m60, &[0; 16], None).is_ok());
         let t = c.resolve("EMU-16M").unwrap();
         assert!(matches!(
-            Device::new(t, &[0; 16], Box::new(VecVram::new(4096))),
+            Device::new(t, &[0; 16], Some(Box::new(VecVram::new(4096)))),
             Err(DeviceError::VramSize { .. })
+        ));
+        assert!(matches!(
+            Device::new(t, &[0; 16], None),
+            Err(DeviceError::NoVram(_))
         ));
     }
 

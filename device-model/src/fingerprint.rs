@@ -3,7 +3,9 @@
 //! The digest covers a canonical text encoding of the record's guest-visible fields (never
 //! Rust's `Hash`, whose output may change between releases) and, for personalities this build
 //! implements, the bytes the guest actually reads at power-on: the config space image, the EDID
-//! (with the nil UUID as serial) and the whole register BAR. So a change to the type record *or*
+//! (with the nil UUID as serial) and the whole register BAR (bochs), or the offered virtio
+//! feature bits, every head's EDID, the common configuration and the device configuration
+//! (virtio-gpu). So a change to the type record *or*
 //! to the code that renders it changes the fingerprint, and the released list
 //! (`abi/released.toml`) turns that into a failing test.
 //!
@@ -16,8 +18,9 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::catalog::VgpuType;
-use crate::device::Device;
+use crate::catalog::{Personality, VgpuType};
+use crate::device::{Device, DeviceError};
+use crate::virtio_gpu::transport::{feature, layout};
 use crate::vram::NullVram;
 
 /// Version of the canonical encoding. Bumping it changes every fingerprint.
@@ -93,12 +96,43 @@ pub fn canonical_encoding(ty: &VgpuType) -> String {
     line("max_resolution", ty.max_resolution.to_string());
     line("default_resolution", ty.default_resolution.to_string());
     line("frl", ty.frl.to_string());
-    if let Ok(mut dev) = Device::new(ty, &[0; 16], Box::new(NullVram(ty.framebuffer))) {
+    if let Ok(mut dev) = new_device(ty) {
         line("config", hex(dev.config().reset_image()));
-        line("edid", hex(dev.edid()));
-        line("registers", hex(&dev.register_image()));
+        match ty.personality {
+            Personality::Bochs => {
+                line("edid", hex(dev.edid()));
+                line("registers", hex(&dev.register_image()));
+            }
+            Personality::VirtioGpu => {
+                line("features", format!("{:#018x}", feature::OFFERED));
+                for head in 0..ty.num_heads {
+                    line(
+                        &format!("edid{head}"),
+                        dev.head_edid(head).map_or("none".to_string(), hex),
+                    );
+                }
+                let image = dev.register_image();
+                let page = |at: u64, len: u64| {
+                    image
+                        .get(at as usize..(at + len) as usize)
+                        .map_or(String::new(), hex)
+                };
+                line("common", page(layout::COMMON, layout::COMMON_LEN));
+                line("device_config", page(layout::DEVICE, layout::DEVICE_LEN));
+            }
+        }
     }
     s
+}
+
+/// A power-on device of `ty` with the nil UUID (VRAM that holds nothing, where the
+/// personality has VRAM).
+fn new_device(ty: &VgpuType) -> Result<Device, DeviceError> {
+    let vram: Option<Box<dyn crate::vram::Vram>> = match ty.personality {
+        Personality::Bochs => Some(Box::new(NullVram(ty.framebuffer))),
+        Personality::VirtioGpu => None,
+    };
+    Device::new(ty, &[0; 16], vram)
 }
 
 /// The fingerprint of a type version.

@@ -1,5 +1,7 @@
 //! A fuzz harness for the guest-facing surface: bytes become a sequence of region reads, writes
-//! and resets on a device, and the scanout invariants are checked after every step.
+//! and resets on a device, and the scanout invariants are checked after every step. The same
+//! bytes then drive a virtio-gpu device (BAR4, BAR1, config space, kicks and guest RAM), whose
+//! transport invariants are checked the same way.
 //!
 //! Shared by the property test in this crate and the `cargo fuzz` target, so both exercise the
 //! same decoder. [`run_register_ops`] panics only when an invariant breaks (that is the finding).
@@ -7,7 +9,7 @@
 use crate::bochs::{DISPI_OFFSET, QEXT_OFFSET, VGA_OFFSET};
 use std::sync::OnceLock;
 
-use crate::catalog::{Catalog, VgpuType};
+use crate::catalog::{Catalog, Personality, VgpuType};
 use crate::device::{Device, NUM_REGIONS};
 use crate::vram::NullVram;
 
@@ -23,6 +25,8 @@ pub struct RunStats {
     pub ops: usize,
     /// Steps after which a head was displaying (and the capture checks ran).
     pub displaying: usize,
+    /// Operations executed on the virtio-gpu device.
+    pub virtio_ops: usize,
 }
 
 /// Runs the operations encoded in `data` on a device of a built-in bochs type (`type_index`
@@ -45,9 +49,17 @@ pub fn run_register_ops(type_index: u8, data: &[u8]) -> RunStats {
     if bochs.is_empty() {
         return stats;
     }
-    let ty = &bochs[usize::from(type_index) % bochs.len()];
+    stats.virtio_ops = run_virtio_ops(type_index, data);
+    let bochs: Vec<&VgpuType> = bochs
+        .iter()
+        .filter(|t| t.personality == Personality::Bochs)
+        .collect();
+    if bochs.is_empty() {
+        return stats;
+    }
+    let ty = bochs[usize::from(type_index) % bochs.len()];
     let vram = NullVram(ty.framebuffer);
-    let Ok(mut dev) = Device::new(ty, &[0x5a; 16], Box::new(vram)) else {
+    let Ok(mut dev) = Device::new(ty, &[0x5a; 16], Some(Box::new(vram))) else {
         return stats;
     };
     let mut input = data;
@@ -100,6 +112,122 @@ pub fn run_register_ops(type_index: u8, data: &[u8]) -> RunStats {
     stats
 }
 
+/// Guest RAM of the virtio-gpu runs: 64 KiB at 0 (rings and buffers the ops write).
+const VIRTIO_RAM: u64 = 0x1_0000;
+
+/// Runs the operations encoded in `data` on a device of a built-in virtio-gpu type and checks
+/// the transport invariants after each one. Returns the operations executed.
+///
+/// Each 4-byte op `(kind, sel, a, b)`: `kind % 4` 0 reads, 1 writes an interesting value, 2
+/// writes the next `len` input bytes, 3 writes them into guest RAM at `(b << 8 | a)` (or, with
+/// `a == 0`, resets the device). `sel % 8` aims: 0-2 common configuration, 3 ISR / device
+/// configuration / notify, 4 BAR1 (MSI-X), 5 config space, 6 a kick, 7 anywhere.
+pub fn run_virtio_ops(type_index: u8, data: &[u8]) -> usize {
+    static TYPES: OnceLock<Vec<VgpuType>> = OnceLock::new();
+    let types = TYPES.get_or_init(|| {
+        Catalog::builtin()
+            .map(|c| {
+                c.types()
+                    .iter()
+                    .filter(|t| t.personality == Personality::VirtioGpu)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    if types.is_empty() {
+        return 0;
+    }
+    let ty = &types[usize::from(type_index) % types.len()];
+    let Ok(mut dev) = Device::new(ty, &[0x5a; 16], None) else {
+        return 0;
+    };
+    let Ok(ram) = crate::bus::anonymous_ram(&[(0, VIRTIO_RAM as usize)]) else {
+        return 0;
+    };
+    dev.attach_memory(Some(ram.clone()));
+    dev.attach_interrupts(std::sync::Arc::new(crate::bus::NullInterrupts));
+    let mut ops = 0;
+    let mut input = data;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        if input.len() < n {
+            return None;
+        }
+        let (head, rest) = input.split_at(n);
+        input = rest;
+        Some(head)
+    };
+    while let Some(op) = take(4) {
+        let (kind, sel, a, b) = (op[0], op[1], op[2], op[3]);
+        let len = usize::from(kind >> 4) % 9;
+        let (region, offset) = match sel % 8 {
+            0..=2 => (4, u64::from(a % 0x40)),
+            3 => (4, u64::from(b % 3 + 1) * 0x1000 + u64::from(a % 0x20)),
+            4 => (1, u64::from(u16::from_le_bytes([a, b]) % 0x1000)),
+            5 => (7, u64::from(a)),
+            6 => (4, 0x3000 + u64::from(a % 3) * 4),
+            _ => (u32::from(a) % (NUM_REGIONS + 2), u64::from(b) << (a % 64)),
+        };
+        match kind % 4 {
+            0 => {
+                let mut buf = vec![0u8; len];
+                let _ = dev.read(region, offset, &mut buf);
+            }
+            1 => {
+                let v = INTERESTING[usize::from(b) % INTERESTING.len()].to_le_bytes();
+                let _ = dev.write(region, offset, &v[..len.clamp(1, 2)]);
+            }
+            2 => {
+                let value = take(len).map(<[u8]>::to_vec).unwrap_or_default();
+                let _ = dev.write(region, offset, &value);
+            }
+            _ => {
+                if a == 0 {
+                    dev.reset();
+                } else if let Some(bytes) = take(len) {
+                    use vm_memory::Bytes;
+                    let at = u64::from(u16::from_le_bytes([a, b]));
+                    let _ = ram.write_slice(bytes, vm_memory::GuestAddress(at));
+                }
+            }
+        }
+        ops += 1;
+        check_invariants(&dev);
+    }
+    let _ = dev.take_notices();
+    ops
+}
+
+/// Panics when the virtio-gpu transport breaks its rules: read-only config bytes changed,
+/// DRIVER_OK without FEATURES_OK, FEATURES_OK with features that were not offered or without
+/// VERSION_1.
+fn check_virtio_invariants(dev: &Device) {
+    use crate::virtio_gpu::transport::{feature, status};
+    let Some(t) = dev.virtio_gpu() else {
+        return;
+    };
+    let cs = dev.config();
+    for at in [0usize, 2, 8, 0x2c, 0x2e, 0x34, 0x3d] {
+        assert_eq!(
+            cs.bytes()[at],
+            cs.reset_image()[at],
+            "read-only config byte {at:#x} changed"
+        );
+    }
+    let s = t.device_status();
+    if s & status::DRIVER_OK != 0 {
+        assert!(
+            s & status::FEATURES_OK != 0,
+            "DRIVER_OK without FEATURES_OK"
+        );
+    }
+    if s & status::FEATURES_OK != 0 {
+        let f = t.driver_features();
+        assert_eq!(f & !feature::OFFERED, 0, "accepted features not offered");
+        assert!(f & feature::VERSION_1 != 0, "accepted without VERSION_1");
+    }
+}
+
 /// The scanout DESIGN.md section 3 prescribes for the DISPI registers as written, computed here
 /// from the saved register state alone (not by the code under test): `Some((offset, stride,
 /// width, height, bytes per pixel))` when it may be displayed.
@@ -132,6 +260,10 @@ fn expected_scanout(dev: &Device) -> Option<(u64, u64, u32, u32, u64)> {
 /// Returns whether any head is displaying.
 pub fn check_invariants(dev: &Device) -> bool {
     let ty = dev.vgpu_type();
+    if ty.personality == Personality::VirtioGpu {
+        check_virtio_invariants(dev);
+        return (0..ty.num_heads).any(|h| dev.head_source(h).is_ok());
+    }
     let expected = expected_scanout(dev);
     let mut displaying = false;
     for head in 0..ty.num_heads {
@@ -220,10 +352,12 @@ mod tests {
             let r = run_register_ops(seed as u8, &bytes(seed, 2048));
             total.ops += r.ops;
             total.displaying += r.displaying;
+            total.virtio_ops += r.virtio_ops;
         }
         assert!(total.ops > 100_000, "{total:?}");
         // Not vacuous: random sequences do reach displaying modes and the capture checks.
         assert!(total.displaying > 0, "{total:?}");
+        assert!(total.virtio_ops > 100_000, "{total:?}");
     }
 
     #[test]
@@ -232,12 +366,7 @@ mod tests {
         // BPP = 32, XRES = 64, YRES = 64, ENABLE = 0x41.
         let w = |reg: u8, value_index: u8| [0x21, 0, reg * 2, value_index];
         let ops: Vec<u8> = [w(3, 5), w(1, 7), w(2, 7), w(4, 8)].concat();
-        assert_eq!(
-            run_register_ops(0, &ops),
-            RunStats {
-                ops: 4,
-                displaying: 1
-            }
-        );
+        let r = run_register_ops(0, &ops);
+        assert_eq!((r.ops, r.displaying), (4, 1));
     }
 }

@@ -24,7 +24,10 @@
 //!  0x30 expansion ROM (RO 0: none)
 //!  0x34 capabilities pointer (RO)
 //!  0x3c interrupt line (RW)   0x3d interrupt pin (RO)  0x3e min grant, 0x3f max latency (RO 0)
-//!  0x40 vendor-specific capability (RO), see [`VendorCapability`]
+//!  0x40 the capability chain of the personality, see [`Capability`]:
+//!       bochs       0x40 vendor-specific type identity ([`VendorCapability`], bochs layout)
+//!       virtio-gpu  virtio-pci capabilities, MSI-X, type identity (see
+//!                   `virtio_gpu::transport`)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -109,24 +112,91 @@ pub mod offset {
 
 /// Capability ID of a vendor-specific capability.
 pub const CAP_ID_VENDOR: u8 = 0x09;
-/// Where the vendor capability lives.
+/// Capability ID of MSI-X.
+pub const CAP_ID_MSIX: u8 = 0x11;
+/// Where the capability chain starts (the vendor capability of bochs lives here).
 pub const VENDOR_CAP_OFFSET: usize = 0x40;
+/// The virtio-pci `cfg_type` of a vendor data capability (virtio 1.2+, `struct
+/// virtio_pci_vndr_data`): virtio drivers skip it.
+pub const VIRTIO_PCI_CAP_VENDOR_CFG: u8 = 9;
+/// The `vendor_id` our virtio vendor data capability carries (the spec forbids 0x1af4 there;
+/// 0x1234 is the vendor of the bochs personality, so one id names our identity format).
+pub const IDENTITY_VENDOR_ID: u16 = 0x1234;
 
-/// The vendor-specific capability that tells a guest exactly which type version it got.
+/// One capability of a chain: its bytes from the capability ID on (the chain fills in the
+/// `next` byte at +1) and a guest-writable mask of the same length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capability {
+    /// The capability's bytes; `bytes[0]` is the capability ID.
+    pub bytes: Vec<u8>,
+    /// Bits the guest may write, per byte (empty: read-only).
+    pub wmask: Vec<u8>,
+}
+
+impl Capability {
+    /// A read-only capability.
+    pub fn read_only(bytes: Vec<u8>) -> Self {
+        Capability {
+            bytes,
+            wmask: Vec::new(),
+        }
+    }
+}
+
+/// The MSI-X capability (PCI Local Bus 3.0, section 6.8.2): `vectors` entries, the table at
+/// `table_offset` of BAR `bir` and the pending-bit array at `pba_offset` of the same BAR.
+///
+/// ```text
+///  +0 cap ID 0x11  +1 next
+///  +2 message control: bits 10:0 table size - 1 (RO), bit 14 function mask (RW),
+///     bit 15 MSI-X enable (RW)
+///  +4 table offset | BIR (bits 2:0)     +8 PBA offset | BIR
+/// ```
+pub fn msix_capability(vectors: u16, bir: u8, table_offset: u32, pba_offset: u32) -> Capability {
+    let mut bytes = vec![0u8; 12];
+    bytes[0] = CAP_ID_MSIX;
+    let control = vectors.saturating_sub(1) & 0x7ff;
+    bytes[2..4].copy_from_slice(&control.to_le_bytes());
+    bytes[4..8].copy_from_slice(&(table_offset | u32::from(bir & 7)).to_le_bytes());
+    bytes[8..12].copy_from_slice(&(pba_offset | u32::from(bir & 7)).to_le_bytes());
+    let mut wmask = vec![0u8; 12];
+    wmask[3] = 0xc0;
+    Capability { bytes, wmask }
+}
+
+/// The vendor-specific capability that tells a guest exactly which type version it got, in
+/// one of two layouts.
+///
+/// bochs (layout 1, released: never changes):
 ///
 /// ```text
 ///  +0  cap ID 0x09   +1 next (0)   +2 length (40)   +3 layout version (1)
 ///  +4  type version, u32 little-endian
 ///  +8  type name, ASCII, NUL-padded to 32 bytes
 /// ```
+///
+/// virtio-gpu: a virtio vendor data capability (virtio 1.2 `struct virtio_pci_vndr_data`,
+/// `cfg_type` 9), which virtio drivers skip. The bochs layout would read as a virtio
+/// capability there (its +3 byte is a virtio `cfg_type`: 1 = common configuration).
+///
+/// ```text
+///  +0  cap ID 0x09   +1 next   +2 length (44)   +3 cfg_type 9 (VIRTIO_PCI_CAP_VENDOR_CFG)
+///  +4  vendor_id 0x1234, u16   +6 layout version (2)   +7 reserved (0)
+///  +8  type version, u32 little-endian
+///  +12 type name, ASCII, NUL-padded to 32 bytes
+/// ```
 #[derive(Debug)]
 pub struct VendorCapability;
 
 impl VendorCapability {
-    /// Length in bytes.
+    /// Length in bytes (bochs layout).
     pub const LEN: usize = 40;
-    /// Layout version of this capability.
+    /// Layout version of the bochs layout.
     pub const LAYOUT: u8 = 1;
+    /// Length in bytes of the virtio layout.
+    pub const VIRTIO_LEN: usize = 44;
+    /// Layout version of the virtio layout.
+    pub const VIRTIO_LAYOUT: u8 = 2;
 
     fn encode(ty: &VgpuType) -> [u8; Self::LEN] {
         let mut c = [0u8; Self::LEN];
@@ -141,16 +211,49 @@ impl VendorCapability {
         c
     }
 
-    /// Decodes (type name, version) from a config space image, walking the capability list.
+    /// The bochs layout as a chain element.
+    pub fn bochs(ty: &VgpuType) -> Capability {
+        Capability::read_only(Self::encode(ty).to_vec())
+    }
+
+    /// The virtio layout as a chain element.
+    pub fn virtio(ty: &VgpuType) -> Capability {
+        let mut c = vec![0u8; Self::VIRTIO_LEN];
+        c[0] = CAP_ID_VENDOR;
+        c[2] = Self::VIRTIO_LEN as u8;
+        c[3] = VIRTIO_PCI_CAP_VENDOR_CFG;
+        c[4..6].copy_from_slice(&IDENTITY_VENDOR_ID.to_le_bytes());
+        c[6] = Self::VIRTIO_LAYOUT;
+        c[8..12].copy_from_slice(&ty.version.to_le_bytes());
+        let name = ty.name.as_bytes();
+        let n = name.len().min(32);
+        c[12..12 + n].copy_from_slice(&name[..n]);
+        Capability::read_only(c)
+    }
+
+    /// Decodes (type name, version) from a config space image, walking the capability list
+    /// (either layout).
     pub fn find(config: &[u8]) -> Option<(String, u32)> {
+        let decode = |c: &[u8]| {
+            let version = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let name = c[4..].split(|&b| b == 0).next().unwrap_or_default();
+            (String::from_utf8_lossy(name).into_owned(), version)
+        };
         walk_capabilities(config)
             .into_iter()
-            .find(|&(id, at)| id == CAP_ID_VENDOR && config.get(at + 3) == Some(&Self::LAYOUT))
-            .and_then(|(_, at)| {
-                let c = config.get(at..at + Self::LEN)?;
-                let version = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
-                let name = c[8..].split(|&b| b == 0).next().unwrap_or_default();
-                Some((String::from_utf8_lossy(name).into_owned(), version))
+            .filter(|&(id, _)| id == CAP_ID_VENDOR)
+            .find_map(|(_, at)| {
+                let c = config.get(at..)?;
+                if c.get(2) == Some(&(Self::LEN as u8)) && c.get(3) == Some(&Self::LAYOUT) {
+                    Some(decode(c.get(4..Self::LEN)?))
+                } else if c.get(3) == Some(&VIRTIO_PCI_CAP_VENDOR_CFG)
+                    && c.get(4..6) == Some(&IDENTITY_VENDOR_ID.to_le_bytes()[..])
+                    && c.get(6) == Some(&Self::VIRTIO_LAYOUT)
+                {
+                    Some(decode(c.get(8..Self::VIRTIO_LEN)?))
+                } else {
+                    None
+                }
             })
     }
 }
@@ -183,6 +286,7 @@ pub struct ConfigSpace {
     reset: [u8; CONFIG_SPACE_SIZE],
     wmask: [u8; CONFIG_SPACE_SIZE],
     w1cmask: [u8; CONFIG_SPACE_SIZE],
+    caps: Vec<usize>,
 }
 
 /// Saved config space: the current bytes (the masks follow from the type).
@@ -193,13 +297,16 @@ pub struct ConfigSpaceState {
 }
 
 impl ConfigSpace {
-    /// The config space of an instance of `ty`.
-    pub fn new(ty: &VgpuType) -> Self {
+    /// The config space of an instance of `ty` with the personality's capability chain
+    /// `caps`, placed in order from [`VENDOR_CAP_OFFSET`], each at a dword boundary. A chain
+    /// that does not fit the 256-byte space is cut at the first capability that does not fit.
+    pub fn new(ty: &VgpuType, caps: &[Capability]) -> Self {
         let mut cs = ConfigSpace {
             bytes: [0; CONFIG_SPACE_SIZE],
             reset: [0; CONFIG_SPACE_SIZE],
             wmask: [0; CONFIG_SPACE_SIZE],
             w1cmask: [0; CONFIG_SPACE_SIZE],
+            caps: Vec::new(),
         };
         let p = &ty.pci;
         cs.put16(offset::VENDOR_ID, p.vendor);
@@ -221,13 +328,49 @@ impl ConfigSpace {
             cs.add_bar(bar);
         }
 
-        let cap = VendorCapability::encode(ty);
-        cs.bytes[VENDOR_CAP_OFFSET..VENDOR_CAP_OFFSET + cap.len()].copy_from_slice(&cap);
-        cs.bytes[offset::CAP_POINTER] = VENDOR_CAP_OFFSET as u8;
-        cs.put16(offset::STATUS, status::CAP_LIST);
+        cs.add_capabilities(caps);
 
         cs.reset = cs.bytes;
         cs
+    }
+
+    fn add_capabilities(&mut self, caps: &[Capability]) {
+        let mut at = VENDOR_CAP_OFFSET;
+        let mut prev_next: Option<usize> = None;
+        for cap in caps {
+            let len = cap.bytes.len();
+            if len < 2 || at + len > CONFIG_SPACE_SIZE {
+                break;
+            }
+            self.bytes[at..at + len].copy_from_slice(&cap.bytes);
+            self.bytes[at + 1] = 0;
+            for (i, &m) in cap.wmask.iter().take(len).enumerate() {
+                self.wmask[at + i] = m;
+            }
+            match prev_next {
+                Some(p) => self.bytes[p] = at as u8,
+                None => {
+                    self.bytes[offset::CAP_POINTER] = at as u8;
+                    self.put16(offset::STATUS, status::CAP_LIST);
+                }
+            }
+            prev_next = Some(at + 1);
+            self.caps.push(at);
+            at = (at + len + 3) & !3;
+        }
+    }
+
+    /// Where the `index`th capability of the chain given to [`ConfigSpace::new`] lies.
+    pub fn capability_offset(&self, index: usize) -> Option<usize> {
+        self.caps.get(index).copied()
+    }
+
+    /// Sets bytes as the device (not the guest) does, bypassing the masks; the range is
+    /// clamped to the space.
+    pub(crate) fn set_bytes(&mut self, at: usize, data: &[u8]) {
+        if let Some(dst) = self.bytes.get_mut(at..at.saturating_add(data.len())) {
+            dst.copy_from_slice(data);
+        }
     }
 
     fn put16(&mut self, at: usize, v: u16) {
@@ -370,7 +513,7 @@ mod tests {
     fn space(name: &str) -> (ConfigSpace, VgpuType) {
         let c = Catalog::builtin().unwrap();
         let ty = c.resolve(name).unwrap().clone();
-        (ConfigSpace::new(&ty), ty)
+        (ConfigSpace::new(&ty, &[VendorCapability::bochs(&ty)]), ty)
     }
 
     fn r32(cs: &ConfigSpace, at: usize) -> u32 {
