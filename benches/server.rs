@@ -232,7 +232,7 @@ fn screenshot_cost() {
     let catalog = Catalog::builtin().unwrap();
     let ty = catalog.resolve("EMU-64M").unwrap();
     let (vram, _file) = MemfdVram::new("bench-vram", ty.framebuffer).unwrap();
-    let mut dev = Device::new(ty, &[0; 16], Box::new(vram)).unwrap();
+    let mut dev = Device::new(ty, &[0; 16], Some(Box::new(vram))).unwrap();
     let (w, h) = (1920u32, 1080u32);
     for (i, v) in [
         (3u64, 32u16),
@@ -262,7 +262,7 @@ fn screenshot_cost() {
     let mut encode = Vec::new();
     for _ in 0..7 {
         let t = Instant::now();
-        dev.vram().read(0, &mut dst);
+        dev.vram().expect("bochs has VRAM").read(0, &mut dst);
         copy.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         let frame = dev.capture(0).unwrap();

@@ -9,8 +9,9 @@ use std::time::SystemTime;
 use serde::Serialize;
 use uuid::Uuid;
 use vgpu_model::device::AccessCounters;
+use vgpu_model::device::HeadImage;
 use vgpu_model::scanout::{Frame, NotDisplaying};
-use vgpu_model::{Device, DeviceError, VgpuType};
+use vgpu_model::{Device, DeviceError, Personality, VgpuType, VramRead};
 
 use crate::sys::memfd::{MemfdVram, VramView};
 
@@ -94,20 +95,28 @@ pub fn lock(shared: &SharedInstance) -> MutexGuard<'_, Instance> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Copies head `head`'s image. The instance lock is held only to read the scanout registers;
-/// the frame itself (up to 33 MB at 4K) is copied through the VRAM view after the lock is
-/// released, so the guest's register accesses never wait for a screenshot.
+/// Copies head `head`'s image. The instance lock is held only to find where the image lies;
+/// the frame itself (up to 33 MB at 4K) is copied after the lock is released (through the VRAM
+/// view, or from the resource or guest RAM the head source holds), so the guest's register
+/// accesses and virtqueue work never wait for a screenshot.
 pub fn capture(shared: &SharedInstance, head: u32) -> Result<Frame, NotDisplaying> {
-    let (scanout, view) = {
+    let (source, view) = {
         let inst = lock(shared);
-        let scanout = inst.device.scanout(head)?;
-        match &inst.vram_view {
-            Some(view) => (scanout, view.clone()),
-            // VRAM of another backing (tests): copied under the lock.
-            None => return inst.device.capture(head),
+        let source = inst.device.head_source(head)?;
+        match (&source, &inst.vram_view) {
+            (HeadImage::Vram(_), None) => {
+                // VRAM of another backing (tests): copied under the lock.
+                let vram = inst.device.vram();
+                return source
+                    .capture(vram.map(|v| v as &dyn VramRead))
+                    .ok_or(NotDisplaying::Disabled);
+            }
+            (_, view) => (source, view.clone()),
         }
     };
-    Ok(Frame::capture(&scanout, &view))
+    source
+        .capture(view.as_ref().map(|v| v as &dyn VramRead))
+        .ok_or(NotDisplaying::Disabled)
 }
 
 /// Why an instance could not be created.
@@ -139,6 +148,12 @@ impl Instance {
         if !ty.personality.is_implemented() {
             return Err(DeviceError::UnimplementedPersonality(ty.personality).into());
         }
+        if ty.personality != Personality::Bochs {
+            // No VRAM: the framebuffer is the budget of host-side resources and scanouts live
+            // in guest RAM.
+            let device = Device::new(ty, uuid.as_bytes(), None)?;
+            return Ok((Instance::from_device(device, uuid, socket), None));
+        }
         let name = format!("vgpu-emu-vram-{uuid}");
         let (vram, file) =
             MemfdVram::new(&name, ty.framebuffer).map_err(|source| InstanceError::Vram {
@@ -146,7 +161,7 @@ impl Instance {
                 source,
             })?;
         let view = vram.view();
-        let device = Device::new(ty, uuid.as_bytes(), Box::new(vram))?;
+        let device = Device::new(ty, uuid.as_bytes(), Some(Box::new(vram)))?;
         let mut instance = Instance::from_device(device, uuid, socket);
         instance.vram_view = Some(view);
         Ok((instance, Some(file)))
@@ -169,11 +184,14 @@ impl Instance {
     pub fn status(&self) -> Status {
         let ty = self.device.vgpu_type();
         let heads = (0..ty.num_heads)
-            .map(|head| match self.device.scanout(head) {
+            .map(|head| match self.device.head_source(head) {
                 Ok(s) => HeadStatus {
                     head,
                     displaying: true,
-                    mode: s.to_string(),
+                    mode: match s {
+                        HeadImage::Vram(s) => s.to_string(),
+                        HeadImage::Gpu(s) => format!("{s:?}"),
+                    },
                 },
                 Err(e) => HeadStatus {
                     head,

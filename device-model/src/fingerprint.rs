@@ -126,8 +126,8 @@ pub fn canonical_encoding(ty: &VgpuType) -> String {
 }
 
 /// A power-on device of `ty` with the nil UUID (VRAM that holds nothing, where the
-/// personality has VRAM).
-fn new_device(ty: &VgpuType) -> Result<Device, DeviceError> {
+/// personality has VRAM): what the fingerprint, `describe` and `diff` inspect.
+pub fn new_device(ty: &VgpuType) -> Result<Device, DeviceError> {
     let vram: Option<Box<dyn crate::vram::Vram>> = match ty.personality {
         Personality::Bochs => Some(Box::new(NullVram(ty.framebuffer))),
         Personality::VirtioGpu => None,

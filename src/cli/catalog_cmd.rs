@@ -9,8 +9,7 @@ use vgpu_model::catalog::{BarKind, BarSpec};
 use vgpu_model::edid::{self, Mode};
 use vgpu_model::fingerprint::{self, fingerprint};
 use vgpu_model::pci::{walk_capabilities, VendorCapability, CAP_ID_VENDOR, VENDOR_CAP_OFFSET};
-use vgpu_model::vram::NullVram;
-use vgpu_model::{Catalog, Device, VgpuType};
+use vgpu_model::{Catalog, VgpuType};
 
 use crate::cli::lock::Locked;
 use crate::error::CliError;
@@ -419,7 +418,7 @@ pub struct Difference {
 /// What the guest reads at power-on, for personalities this build renders: config space,
 /// EDID, register BAR.
 fn power_on_images(ty: &VgpuType) -> Option<[(&'static str, Vec<u8>); 3]> {
-    let mut dev = Device::new(ty, &[0; 16], Box::new(NullVram(ty.framebuffer))).ok()?;
+    let mut dev = vgpu_model::fingerprint::new_device(ty).ok()?;
     Some([
         ("config space bytes", dev.config().reset_image().to_vec()),
         ("EDID bytes", dev.edid().to_vec()),
@@ -777,7 +776,7 @@ mod tests {
                     .map(|h| u8::from_str_radix(h, 16).unwrap()),
             );
         }
-        let dev = Device::new(ty, &[0; 16], Box::new(NullVram(ty.framebuffer))).unwrap();
+        let dev = vgpu_model::fingerprint::new_device(ty).unwrap();
         assert_eq!(bytes, dev.config().reset_image().to_vec());
         assert!(matches!(
             config_dump(&c, c.resolve("M60-2Q").unwrap()),

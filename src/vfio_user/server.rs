@@ -885,7 +885,7 @@ fn fuzz_instance() -> Option<(SharedInstance, &'static File)> {
         })
         .as_ref()?;
     let vram = vgpu_model::vram::NullVram(ty.framebuffer);
-    let device = vgpu_model::Device::new(ty, &[0; 16], Box::new(vram)).ok()?;
+    let device = vgpu_model::Device::new(ty, &[0; 16], Some(Box::new(vram))).ok()?;
     let inst = Instance::from_device(device, uuid::Uuid::nil(), "fuzz".into());
     Some((Arc::new(std::sync::Mutex::new(inst)), vram_file))
 }
@@ -1099,6 +1099,14 @@ impl Session {
         Interrupts::new(&counts)
     }
 
+    /// Logs what the device model reported (a ring outside guest RAM, a broken chain), rate
+    /// limited: a guest can repeat them at will.
+    fn log_notices(&mut self, notices: Vec<String>) {
+        for n in notices {
+            log_limited!(self.noisy, Level::Warn, "device: {n}");
+        }
+    }
+
     /// Gives the device the current guest RAM if the DMA table changed since it last got it.
     /// The collection is built outside the instance lock (no system call either way).
     fn refresh_ram(&mut self, ctx: &Ctx<'_>) {
@@ -1288,9 +1296,12 @@ impl Session {
                 if data.len() != a.count.get() as usize || a.count.get() > caps.max_xfer {
                     return Err(libc::EINVAL);
                 }
-                let written = lock(ctx.instance)
-                    .device
-                    .write(a.region.get(), a.offset.get(), data);
+                let (written, notices) = {
+                    let mut inst = lock(ctx.instance);
+                    let written = inst.device.write(a.region.get(), a.offset.get(), data);
+                    (written, inst.device.take_notices())
+                };
+                self.log_notices(notices);
                 if let Err(e) = written {
                     trace!("{e}");
                     return Err(libc::EINVAL);
@@ -1330,6 +1341,9 @@ impl Session {
                         .write(w.region.get(), w.offset.get(), data)
                         .map_err(|_| libc::EINVAL)?;
                 }
+                let notices = inst.device.take_notices();
+                drop(inst);
+                self.log_notices(notices);
                 Ok(())
             }
             cmd::DEVICE_RESET => {
