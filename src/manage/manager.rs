@@ -869,11 +869,16 @@ mod tests {
         assert_eq!(avail(&m, "emu0", "EMU-1G"), 4);
         assert_eq!(avail(&m, "emu0", "EMU-64M"), 32);
         assert_eq!(avail(&m, "emu0", "M60-2Q"), 0, "another family");
-        assert_eq!(
-            avail(&m, "m60-0", "M60-2Q"),
-            0,
-            "virtio-gpu is not served yet"
-        );
+        // The seed's table: 8 GiB per M60 parent, max_instances per type.
+        for (name, n) in [
+            ("M60-0B", 16),
+            ("M60-1Q", 8),
+            ("M60-2Q", 4),
+            ("M60-4Q", 2),
+            ("M60-8Q", 1),
+        ] {
+            assert_eq!(avail(&m, "m60-0", name), n, "{name}");
+        }
         let a = m
             .create(
                 "emu0",
@@ -923,20 +928,16 @@ mod tests {
             "no available instances of EMU-64M@1 on emu0: the parent hosts 4 instance(s) with a \
              1024M framebuffer, and a parent hosts one framebuffer size at a time (64M wanted)"
         );
-        let e = m
-            .create(
-                "m60-0",
-                "vgpu_emu-m60_2q-v1",
-                "71111111-1111-1111-1111-111111111111",
-            )
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::ENOSPC, "available_instances reads 0");
-        assert!(e.is_bad_input(), "as `serve` of the type is");
-        assert_eq!(
-            e.to_string(),
-            "no available instances of M60-2Q@1 on m60-0: personality `virtio-gpu` is listed but \
-             not served by this build yet"
-        );
+        m.create(
+            "m60-0",
+            "vgpu_emu-m60_2q-v1",
+            "71111111-1111-1111-1111-111111111111",
+        )
+        .unwrap();
+        assert_eq!(avail(&m, "m60-0", "M60-2Q"), 3);
+        assert_eq!(avail(&m, "m60-0", "M60-2B"), 3, "the same 2048M size");
+        assert_eq!(avail(&m, "m60-0", "M60-1Q"), 0, "one framebuffer size");
+        assert_eq!(avail(&m, "m60-0", "M60-8Q"), 0);
         let c = Catalog::builtin().unwrap();
         assert_eq!(
             m.availability("emu0", c.resolve("M60-2Q").unwrap()),
