@@ -409,7 +409,11 @@ impl Gpu {
                     head,
                     mode,
                     not_displaying,
-                    counters: self.counters.get(head as usize).copied().unwrap_or_default(),
+                    counters: self
+                        .counters
+                        .get(head as usize)
+                        .copied()
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -553,9 +557,7 @@ impl Gpu {
 
     fn display_info(&self) -> Response {
         let res = Resolution::new(
-            self.default_resolution
-                .width
-                .min(self.max_resolution.width),
+            self.default_resolution.width.min(self.max_resolution.width),
             self.default_resolution
                 .height
                 .min(self.max_resolution.height),

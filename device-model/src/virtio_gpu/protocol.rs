@@ -42,8 +42,7 @@ pub mod ty {
     pub const RESOURCE_UNREF: u32 = b::virtio_gpu_ctrl_type_VIRTIO_GPU_CMD_RESOURCE_UNREF;
     pub const SET_SCANOUT: u32 = b::virtio_gpu_ctrl_type_VIRTIO_GPU_CMD_SET_SCANOUT;
     pub const RESOURCE_FLUSH: u32 = b::virtio_gpu_ctrl_type_VIRTIO_GPU_CMD_RESOURCE_FLUSH;
-    pub const TRANSFER_TO_HOST_2D: u32 =
-        b::virtio_gpu_ctrl_type_VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D;
+    pub const TRANSFER_TO_HOST_2D: u32 = b::virtio_gpu_ctrl_type_VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D;
     pub const RESOURCE_ATTACH_BACKING: u32 =
         b::virtio_gpu_ctrl_type_VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING;
     pub const RESOURCE_DETACH_BACKING: u32 =
@@ -107,6 +106,9 @@ pub struct CtrlHeader {
 impl CtrlHeader {
     /// Reads the header at the start of `request`; `None` when it is shorter than a header.
     pub fn parse(request: &[u8]) -> Option<CtrlHeader> {
+        if request.len() < HDR_LEN {
+            return None;
+        }
         Some(CtrlHeader {
             ty: u32_at(request, 0)?,
             flags: u32_at(request, 4)?,
@@ -698,7 +700,11 @@ pub mod encode {
 
     /// TRANSFER_TO_HOST_2D.
     pub fn transfer_2d(id: u32, r: Rect, offset: u64) -> Vec<u8> {
-        let mut v = with(ty::TRANSFER_TO_HOST_2D, None, &[r.x, r.y, r.width, r.height]);
+        let mut v = with(
+            ty::TRANSFER_TO_HOST_2D,
+            None,
+            &[r.x, r.y, r.width, r.height],
+        );
         v.extend_from_slice(&offset.to_le_bytes());
         v.extend_from_slice(&id.to_le_bytes());
         v.extend_from_slice(&0u32.to_le_bytes());

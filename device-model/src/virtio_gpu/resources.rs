@@ -44,11 +44,7 @@ impl Backing {
             let end = e.addr.checked_add(u64::from(e.length));
             if end.is_none()
                 || (e.length > 0
-                    && !mem.check_range(
-                        GuestAddress(e.addr),
-                        e.length as usize,
-                        Permissions::Read,
-                    ))
+                    && !mem.check_range(GuestAddress(e.addr), e.length as usize, Permissions::Read))
             {
                 return Err(ErrorCode::Unspec);
             }
@@ -102,10 +98,7 @@ impl Backing {
                 break;
             };
             // e.addr + e.length did not overflow (checked at creation).
-            if mem
-                .read_slice(dst, GuestAddress(e.addr + inside))
-                .is_err()
-            {
+            if mem.read_slice(dst, GuestAddress(e.addr + inside)).is_err() {
                 dst.fill(0);
                 complete = false;
             }
@@ -156,8 +149,7 @@ impl Image {
         if self.pixels.is_none() {
             let n = usize::try_from(self.size()).map_err(|_| ErrorCode::OutOfMemory)?;
             let mut v = Vec::new();
-            v.try_reserve_exact(n)
-                .map_err(|_| ErrorCode::OutOfMemory)?;
+            v.try_reserve_exact(n).map_err(|_| ErrorCode::OutOfMemory)?;
             v.resize(n, 0);
             self.pixels = Some(Arc::new(v));
         }
@@ -434,7 +426,7 @@ mod tests {
         let mut r = Resources::new(64 * 64 * 4 + 2 * ENTRY_CHARGE);
         r.create_image(1, PixelFormat::Xrgb8888, 64, 64).unwrap();
         assert_eq!(
-            r.create_image(2, PixelFormat::Xrgb8888, 1, 1),
+            r.create_image(2, PixelFormat::Xrgb8888, 8, 8),
             Err(ErrorCode::OutOfMemory)
         );
         let b = Backing::new(&mem, vec![e(0, 0x2000), e(0x2000, 0x2000)]).unwrap();
