@@ -1,8 +1,10 @@
-//! A fuzz harness for the guest-facing surface: bytes become a sequence of region reads, writes
-//! and resets on a device, and the scanout invariants are checked after every step.
+//! Fuzz harnesses for the guest-facing surface: bytes become a sequence of region reads, writes
+//! and resets on a bochs device ([`run_register_ops`]), or of virtio-gpu requests, guest-memory
+//! writes and resets on a GPU ([`run_gpu_commands`]), and the invariants are checked after
+//! every step.
 //!
-//! Shared by the property test in this crate and the `cargo fuzz` target, so both exercise the
-//! same decoder. [`run_register_ops`] panics only when an invariant breaks (that is the finding).
+//! Shared by the property tests in this crate and the `cargo fuzz` targets, so both exercise the
+//! same decoders. The harnesses panic only when an invariant breaks (that is the finding).
 
 use crate::bochs::{DISPI_OFFSET, QEXT_OFFSET, VGA_OFFSET};
 use std::sync::OnceLock;
