@@ -183,23 +183,36 @@ impl Instance {
     /// What `vgpu-emu status` shows.
     pub fn status(&self) -> Status {
         let ty = self.device.vgpu_type();
-        let heads = (0..ty.num_heads)
-            .map(|head| match self.device.head_source(head) {
-                Ok(s) => HeadStatus {
-                    head,
-                    displaying: true,
-                    mode: match s {
-                        HeadImage::Vram(s) => s.to_string(),
-                        HeadImage::Gpu(s) => format!("{s:?}"),
+        let heads = match self.device.virtio_gpu() {
+            Some(t) => t
+                .gpu()
+                .heads_status()
+                .into_iter()
+                .map(|h| HeadStatus {
+                    head: h.head,
+                    displaying: h.mode.is_some(),
+                    mode: match (h.mode, h.not_displaying) {
+                        (Some(m), _) => m,
+                        (None, Some(why)) => format!("not displaying: {why}"),
+                        (None, None) => "not displaying".to_string(),
                     },
-                },
-                Err(e) => HeadStatus {
-                    head,
-                    displaying: false,
-                    mode: format!("not displaying: {e}"),
-                },
-            })
-            .collect();
+                })
+                .collect(),
+            None => (0..ty.num_heads)
+                .map(|head| match self.device.scanout(head) {
+                    Ok(s) => HeadStatus {
+                        head,
+                        displaying: true,
+                        mode: s.to_string(),
+                    },
+                    Err(e) => HeadStatus {
+                        head,
+                        displaying: false,
+                        mode: format!("not displaying: {e}"),
+                    },
+                })
+                .collect(),
+        };
         Status {
             type_key: ty.key(),
             uuid: self.uuid.to_string(),

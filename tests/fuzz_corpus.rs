@@ -72,3 +72,15 @@ fn lock_file_corpus_replays() {
         assert!(r.is_ok(), "{name} fails");
     }
 }
+
+#[test]
+fn gpu_commands_corpus_replays() {
+    let mut displaying = 0;
+    for (name, data) in corpus("gpu_commands") {
+        match std::panic::catch_unwind(|| vgpu_model::fuzz::run_gpu_commands(&data)) {
+            Ok(stats) => displaying += stats.displaying,
+            Err(_) => panic!("{name} fails"),
+        }
+    }
+    assert!(displaying > 0, "the corpus reaches a displaying head");
+}

@@ -10,7 +10,8 @@
 //! - [`bus`]: guest memory, interrupts and time, as the model reaches them.
 //! - [`virtio_gpu`]: the virtio-gpu personality (multi-head).
 //! - [`vram`]: the VRAM backing trait and a `Vec` implementation.
-//! - [`fuzz`]: the register-sequence harness shared by the property test and `cargo fuzz`.
+//! - [`fuzz`]: the register-sequence and virtio-gpu command harnesses shared by the property
+//!   tests and `cargo fuzz`.
 //!
 //! The crate opens no sockets, starts no threads and logs nothing: accesses come in as
 //! `read(region, offset, &mut [u8])` / `write(region, offset, &[u8])` and every guest- or

@@ -16,14 +16,28 @@ pub enum PixelFormat {
     Xrgb8888BigEndian,
     /// 16 bpp r5g6b5, little-endian (DRM_FORMAT_RGB565).
     Rgb565,
+    /// 32 bpp: bytes B, G, R, A (DRM_FORMAT_ARGB8888; virtio-gpu B8G8R8A8).
+    Argb8888,
+    /// 32 bpp: bytes A, R, G, B (DRM_FORMAT_BGRA8888; virtio-gpu A8R8G8B8).
+    Bgra8888,
+    /// 32 bpp: bytes X, R, G, B (DRM_FORMAT_BGRX8888; virtio-gpu X8R8G8B8).
+    Bgrx8888,
+    /// 32 bpp: bytes R, G, B, A (DRM_FORMAT_ABGR8888; virtio-gpu R8G8B8A8).
+    Abgr8888,
+    /// 32 bpp: bytes R, G, B, X (DRM_FORMAT_XBGR8888; virtio-gpu R8G8B8X8).
+    Xbgr8888,
+    /// 32 bpp: bytes A, B, G, R (DRM_FORMAT_RGBA8888; virtio-gpu A8B8G8R8).
+    Rgba8888,
+    /// 32 bpp: bytes X, B, G, R (DRM_FORMAT_RGBX8888; virtio-gpu X8B8G8R8).
+    Rgbx8888,
 }
 
 impl PixelFormat {
     /// Bytes per pixel.
     pub fn bytes_per_pixel(self) -> u32 {
         match self {
-            PixelFormat::Xrgb8888 | PixelFormat::Xrgb8888BigEndian => 4,
             PixelFormat::Rgb565 => 2,
+            _ => 4,
         }
     }
 
@@ -33,6 +47,26 @@ impl PixelFormat {
             PixelFormat::Xrgb8888 => "XRGB8888",
             PixelFormat::Xrgb8888BigEndian => "XRGB8888-BE",
             PixelFormat::Rgb565 => "RGB565",
+            PixelFormat::Argb8888 => "ARGB8888",
+            PixelFormat::Bgra8888 => "BGRA8888",
+            PixelFormat::Bgrx8888 => "BGRX8888",
+            PixelFormat::Abgr8888 => "ABGR8888",
+            PixelFormat::Xbgr8888 => "XBGR8888",
+            PixelFormat::Rgba8888 => "RGBA8888",
+            PixelFormat::Rgbx8888 => "RGBX8888",
+        }
+    }
+
+    /// Byte positions of red, green and blue in one pixel of a 32-bpp format.
+    fn rgb_bytes(self) -> Option<[usize; 3]> {
+        match self {
+            PixelFormat::Xrgb8888 | PixelFormat::Argb8888 => Some([2, 1, 0]),
+            PixelFormat::Xrgb8888BigEndian | PixelFormat::Bgra8888 | PixelFormat::Bgrx8888 => {
+                Some([1, 2, 3])
+            }
+            PixelFormat::Abgr8888 | PixelFormat::Xbgr8888 => Some([0, 1, 2]),
+            PixelFormat::Rgba8888 | PixelFormat::Rgbx8888 => Some([3, 2, 1]),
+            PixelFormat::Rgb565 => None,
         }
     }
 }
@@ -108,6 +142,9 @@ pub enum NotDisplaying {
         /// Type limit.
         max_height: u32,
     },
+    /// The head shows guest memory, and no guest memory was given to read it from.
+    #[error("guest memory is not mapped")]
+    NoGuestMemory,
     /// The image would reach past the end of VRAM.
     #[error("scanout ends at {end:#x}, past the {vram:#x}-byte VRAM")]
     PastVram {
@@ -158,18 +195,13 @@ impl Frame {
     /// The image as packed 8-bit RGB (what a PNG encoder takes).
     pub fn to_rgb8(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.width as usize * self.height as usize * 3);
-        match self.format {
-            PixelFormat::Xrgb8888 => {
+        match self.format.rgb_bytes() {
+            Some([r, g, b]) => {
                 for p in self.data.chunks_exact(4) {
-                    out.extend_from_slice(&[p[2], p[1], p[0]]);
+                    out.extend_from_slice(&[p[r], p[g], p[b]]);
                 }
             }
-            PixelFormat::Xrgb8888BigEndian => {
-                for p in self.data.chunks_exact(4) {
-                    out.extend_from_slice(&[p[1], p[2], p[3]]);
-                }
-            }
-            PixelFormat::Rgb565 => {
+            None => {
                 for p in self.data.chunks_exact(2) {
                     let v = u16::from_le_bytes([p[0], p[1]]);
                     let (r, g, b) = ((v >> 11) & 0x1f, (v >> 5) & 0x3f, v & 0x1f);
@@ -231,5 +263,31 @@ mod tests {
             data: vec![0, 1, 2, 3],
         };
         assert_eq!(f.to_rgb8(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn every_32bpp_byte_order_converts() {
+        // The pixel red=1, green=2, blue=3, alpha/X=9 as each format lays it out in memory.
+        let cases = [
+            (PixelFormat::Xrgb8888, [3, 2, 1, 9]),
+            (PixelFormat::Argb8888, [3, 2, 1, 9]),
+            (PixelFormat::Xrgb8888BigEndian, [9, 1, 2, 3]),
+            (PixelFormat::Bgra8888, [9, 1, 2, 3]),
+            (PixelFormat::Bgrx8888, [9, 1, 2, 3]),
+            (PixelFormat::Abgr8888, [1, 2, 3, 9]),
+            (PixelFormat::Xbgr8888, [1, 2, 3, 9]),
+            (PixelFormat::Rgba8888, [9, 3, 2, 1]),
+            (PixelFormat::Rgbx8888, [9, 3, 2, 1]),
+        ];
+        for (format, bytes) in cases {
+            assert_eq!(format.bytes_per_pixel(), 4);
+            let f = Frame {
+                width: 1,
+                height: 1,
+                format,
+                data: bytes.to_vec(),
+            };
+            assert_eq!(f.to_rgb8(), vec![1, 2, 3], "{}", format.as_str());
+        }
     }
 }

@@ -3,16 +3,25 @@
 //!
 //! - [`transport`]: virtio-pci capabilities, common configuration, ISR, notifications, device
 //!   configuration, the MSI-X BAR, and the split virtqueues.
-//! - [`commands`]: the GPU itself: control- and cursor-queue requests decoded into typed
-//!   commands and executed (resources, backing, scanouts, blobs, cursor, EDID, display info).
+//! - [`protocol`]: the wire format: requests decoded into a typed [`Command`], responses
+//!   encoded, `VIRTIO_GPU_RESP_ERR_*` as [`ErrorCode`].
+//! - [`resources`]: 2D resources, guest-memory blobs, backings and the memory budget.
+//! - [`commands`]: the GPU itself: commands executed against resources, scanouts, cursors,
+//!   EDIDs and display info; what each head shows ([`HeadSource`]).
 //!
 //! The transport hands [`Gpu`] each request as the bytes of a descriptor chain's
 //! device-readable part and writes back the [`Completion`]'s response.
 
 pub mod commands;
+pub mod protocol;
+pub mod resources;
 pub mod transport;
 
-pub use commands::{Completion, Gpu, HeadSource, MAX_REQUEST};
+pub use commands::{
+    Completion, Cursor, Gpu, HeadCounters, HeadSource, HeadStatus, MemoryStatus, MAX_REQUEST,
+};
+pub use protocol::{Command, DecodeError, ErrorCode};
+pub use resources::Backing;
 pub use transport::Transport;
 
 #[cfg(test)]
