@@ -696,6 +696,75 @@ fn removing_an_instance_waits_for_the_running_guest_to_release_it() {
     );
 }
 
+/// The guest kit on QEMU's own virtio-gpu (`virtio-gpu-pci,max_outputs=4`, no vGPU): the stock
+/// `virtio_gpu` driver binds with four connected connectors (QEMU enables only the first output
+/// without a display; run-guest forces the others on), `draw-heads` lights each head with the
+/// picture of its index, and QEMU's own screen dump of every head equals, pixel for pixel, the
+/// picture computed here with the guest tool's function (`vgpu_guest::picture`). Our own
+/// virtio-gpu personality is to show the same pictures.
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn the_guest_kit_lights_four_heads_of_qemus_virtio_gpu_with_the_known_pictures() {
+    const HEADS: u32 = 4;
+    const MODE: (u32, u32) = (1024, 768);
+    let dir = tempfile::tempdir().unwrap();
+    let monitor = dir.path().join("monitor.sock");
+    let mut guest = Guest::boot(&["--virtio-gpu", "4", "--monitor", monitor.to_str().unwrap()]);
+    let pci = fields(guest.line("pci"));
+    assert_eq!(
+        (pci["vendor"], pci["device"], pci["class"]),
+        ("0x1af4", "0x1050", "0x038000"),
+        "virtio-gpu, virtio-pci modern"
+    );
+    assert_eq!(pci["driver"], "virtio-pci");
+    let card = fields(guest.line("drm-card"));
+    assert_eq!(card["driver"], "virtio_gpu");
+    assert_eq!(card["connectors"], HEADS.to_string());
+    let connectors: Vec<HashMap<&str, &str>> = guest
+        .lines_of("drm-connector")
+        .into_iter()
+        .map(fields)
+        .collect();
+    assert_eq!(connectors.len(), HEADS as usize, "{connectors:?}");
+    for (i, c) in connectors.iter().enumerate() {
+        assert_eq!(c["head"], i.to_string());
+        assert_eq!(c["status"], "connected", "head {i}: {c:?}");
+        let modes: Vec<&str> = c["modes"].split(',').collect();
+        assert!(modes.contains(&"1024x768"), "head {i}: {modes:?}");
+    }
+
+    guest.send(&format!("draw-heads virtio_gpu {}x{}", MODE.0, MODE.1));
+    let drawn = guest.expect("drawn");
+    assert_eq!(drawn, format!("VGPU: drawn card=0 heads={HEADS}"));
+    for head in 0..HEADS {
+        let line = fields(guest.lines_of("head")[head as usize]);
+        assert_eq!(line["index"], head.to_string());
+        assert_eq!(line["mode"], format!("{}x{}", MODE.0, MODE.1));
+        let expected = vgpu_guest::picture::rgb(head, MODE.0, MODE.1);
+        // Kept beside the build for a look when it fails.
+        let dump =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("virtio-gpu-head{head}.png"));
+        let mut last = None;
+        wait_until(
+            Duration::from_secs(60),
+            &format!("QEMU's dump of head {head} to equal its picture"),
+            || {
+                hmp(
+                    &monitor,
+                    &format!("screendump {} -f png virtio-gpu0 {head}", dump.display()),
+                );
+                let shot =
+                    vgpu_emu::display::decode_png_rgb(&std::fs::read(&dump).unwrap()).unwrap();
+                let equal = shot.0 == MODE.0 && shot.1 == MODE.1 && shot.2 == expected;
+                last = Some((shot.0, shot.1));
+                equal
+            },
+        );
+        assert_eq!(last, Some(MODE));
+    }
+    guest.poweroff();
+}
+
 /// What a person running the guest by hand gets (`run-guest` with a terminal): the console on
 /// the vGPU from boot, before anything is drawn, and a shell on the serial console.
 #[test]
