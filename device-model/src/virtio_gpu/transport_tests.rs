@@ -201,10 +201,10 @@ fn linux_bring_up_and_one_request() {
     g.init();
     g.request(0, 0);
     g.kick(0);
-    assert_eq!(g.used(0), (1, vec![(0, 24)]));
-    assert_eq!(g.response_type(), 0x1200, "the stub's ERR_UNSPEC");
-    let rest: u8 = g.ram.read_obj(GuestAddress(0x9_0000 + 24)).unwrap();
-    assert_eq!(rest, 0xaa, "only the response was written");
+    assert_eq!(g.used(0), (1, vec![(0, 408)]));
+    assert_eq!(g.response_type(), 0x1101, "OK_DISPLAY_INFO");
+    let past: u8 = g.ram.read_obj(GuestAddress(0x9_0000 + 408)).unwrap();
+    assert_eq!(past, 0, "nothing written past the response");
     assert_eq!(g.irq.take(), vec![1], "controlq's vector");
     assert_eq!(g.r(layout::ISR, 1), 1, "queue interrupt");
     assert_eq!(g.r(layout::ISR, 1), 0, "read-to-clear");
@@ -236,8 +236,8 @@ fn indirect_chain_is_served() {
     g.put_desc(ring(0), 0, 0xa_0000, 32, F_INDIRECT, 0);
     g.offer(0, 0);
     g.kick(0);
-    assert_eq!(g.used(0), (1, vec![(0, 24)]));
-    assert_eq!(g.response_type(), 0x1200);
+    assert_eq!(g.used(0), (1, vec![(0, 408)]));
+    assert_eq!(g.response_type(), 0x1101);
 }
 
 fn needs_reset(g: &mut Guest) -> bool {
@@ -271,7 +271,7 @@ fn descriptor_loop_needs_reset_until_the_driver_resets() {
     assert!(!needs_reset(&mut g));
     g.request(0, 0);
     g.kick(0);
-    assert_eq!(g.used(0), (1, vec![(0, 24)]));
+    assert_eq!(g.used(0), (1, vec![(0, 408)]));
 }
 
 #[test]
@@ -461,7 +461,7 @@ fn kicks_wait_for_memory_and_driver_ok() {
     g.kick(0);
     assert_eq!(g.used(0).0, 0, "no memory: remembered");
     g.dev.attach_memory(Some(g.ram.clone()));
-    assert_eq!(g.used(0), (1, vec![(0, 24)]), "served on attach");
+    assert_eq!(g.used(0), (1, vec![(0, 408)]), "served on attach");
     assert_eq!(g.irq.take(), vec![1]);
 }
 
@@ -488,7 +488,7 @@ fn reset_mid_stream() {
     g.init();
     g.request(0, 0);
     g.kick(0);
-    assert_eq!(g.used(0), (1, vec![(0, 24)]));
+    assert_eq!(g.used(0), (1, vec![(0, 408)]));
     // The function reset the server sends on DEVICE_RESET does the same.
     g.dev.reset();
     assert_eq!(g.status(), 0);
