@@ -784,3 +784,139 @@ fn by_hand_the_guest_shows_its_console_from_boot_and_gives_a_shell() {
     guest.expect_output("hello-42");
     guest.power_off_with("poweroff -f");
 }
+
+/// QEMU's `screendump` of head `head` of its device `id`, decoded to (width, height, RGB).
+fn qemu_dump(monitor: &Path, id: &str, head: u32) -> (u32, u32, Vec<u8>) {
+    let dump = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{id}-head{head}.png"));
+    hmp(
+        monitor,
+        &format!("screendump {} -f png {id} {head}", dump.display()),
+    );
+    vgpu_emu::display::decode_png_rgb(&std::fs::read(&dump).unwrap()).unwrap()
+}
+
+/// A stock guest drives an M60 type with its stock `virtio_gpu` driver: one connected connector
+/// per head, modes capped at the type's max resolution, the type's default resolution
+/// preferred. The guest draws a different picture on each head of our vGPU and of QEMU's own
+/// in-process `virtio-gpu-pci` with as many outputs, in the same VM and mode; each of our heads'
+/// screenshots equals QEMU's dump of the same head, pixel for pixel (and the known picture).
+/// A reboot resets the device and lights it up again.
+fn m60_heads_match_qemus_own_virtio_gpu(ty_name: &str) {
+    const MODE: (u32, u32) = (1024, 768);
+    let catalog = Catalog::builtin().unwrap();
+    let ty = catalog.resolve(ty_name).unwrap();
+    let heads = ty.num_heads;
+    let served = Served::start(ty_name);
+    let dir = tempfile::tempdir().unwrap();
+    let monitor = dir.path().join("monitor.sock");
+    let mut guest = Guest::boot(&[
+        "--socket",
+        served.socket.to_str().unwrap(),
+        "--heads",
+        &heads.to_string(),
+        "--virtio-gpu",
+        &heads.to_string(),
+        "--monitor",
+        monitor.to_str().unwrap(),
+    ]);
+    for boot in 0..2 {
+        // Our device: the first card (slot 4, ahead of QEMU's).
+        let ours = guest
+            .lines_of("pci")
+            .into_iter()
+            .map(fields)
+            .find(|p| p["subsystem_device"] == format!("{:#06x}", ty.pci.subsystem_device))
+            .unwrap_or_else(|| panic!("no vGPU in {:?}", guest.lines_of("pci")));
+        assert_eq!(
+            (
+                ours["vendor"],
+                ours["device"],
+                ours["revision"],
+                ours["class"]
+            ),
+            ("0x1af4", "0x1050", "0x01", "0x038000")
+        );
+        assert_eq!(ours["driver"], "virtio-pci");
+        let cards: Vec<HashMap<&str, &str>> =
+            guest.lines_of("drm-card").into_iter().map(fields).collect();
+        assert_eq!(cards.len(), 2, "{cards:?}");
+        assert_eq!(cards[0]["driver"], "virtio_gpu");
+        assert!(cards[0]["pci"].ends_with(":04.0"), "{cards:?}");
+        assert_eq!(cards[0]["connectors"], heads.to_string());
+        let connectors: Vec<HashMap<&str, &str>> = guest
+            .lines_of("drm-connector")
+            .into_iter()
+            .map(fields)
+            .filter(|c| c["card"] == "0")
+            .collect();
+        assert_eq!(connectors.len(), heads as usize);
+        for c in &connectors {
+            assert_eq!(c["status"], "connected", "{c:?}");
+            assert_eq!(c["preferred"], ty.default_resolution.to_string(), "{c:?}");
+            for m in c["modes"].split(',') {
+                let r = resolution(m);
+                assert!(
+                    r.width <= ty.max_resolution.width && r.height <= ty.max_resolution.height,
+                    "mode {m} above {}",
+                    ty.max_resolution
+                );
+            }
+            assert_eq!(c["largest"], ty.max_resolution.to_string(), "{c:?}");
+        }
+
+        for card in [0, 1] {
+            guest.send(&format!("draw-heads {card} {}x{}", MODE.0, MODE.1));
+            let drawn = guest.expect("drawn");
+            assert_eq!(drawn, format!("VGPU: drawn card={card} heads={heads}"));
+        }
+        for head in 0..heads {
+            let expected = vgpu_guest::picture::rgb(head, MODE.0, MODE.1);
+            let mut last = None;
+            wait_until(
+                Duration::from_secs(60),
+                &format!("head {head} (boot {boot}) to show its picture on both devices"),
+                || {
+                    let theirs = qemu_dump(&monitor, "virtio-gpu0", head);
+                    let ours = served.screenshot_head(head);
+                    let same = ours.as_ref().is_ok_and(|o| *o == theirs);
+                    last = Some((
+                        ours.map(|o| (o.0, o.1, o.2 == expected)),
+                        (theirs.0, theirs.1, theirs.2 == expected),
+                    ));
+                    same && theirs.2 == expected
+                },
+            );
+            assert_eq!(
+                last,
+                Some((Ok((MODE.0, MODE.1, true)), (MODE.0, MODE.1, true)))
+            );
+        }
+        let status = served.status();
+        for h in status["heads"].as_array().unwrap() {
+            assert_eq!(h["displaying"], true, "{h}");
+        }
+        if boot == 0 {
+            let resets = status["accesses"]["resets"].as_u64().unwrap();
+            guest.send("reboot");
+            guest.expect("ready");
+            let after = served.status()["accesses"]["resets"].as_u64().unwrap();
+            assert!(
+                after > resets,
+                "the reboot reset the device ({resets} -> {after})"
+            );
+        }
+    }
+    guest.poweroff();
+}
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn m60_0b_two_heads_match_qemus_own_virtio_gpu_pixel_for_pixel() {
+    m60_heads_match_qemus_own_virtio_gpu("M60-0B");
+}
+
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn m60_2q_four_heads_match_qemus_own_virtio_gpu_pixel_for_pixel() {
+    m60_heads_match_qemus_own_virtio_gpu("M60-2Q");
+}
