@@ -920,3 +920,93 @@ fn m60_0b_two_heads_match_qemus_own_virtio_gpu_pixel_for_pixel() {
 fn m60_2q_four_heads_match_qemus_own_virtio_gpu_pixel_for_pixel() {
     m60_heads_match_qemus_own_virtio_gpu("M60-2Q");
 }
+
+/// Real mdevctl starts an M60-2Q on the daemon's M60 parent, and a stock guest lights its four
+/// heads with `virtio_gpu`; `mdevctl types` then counts one instance fewer.
+#[test]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
+fn mdevctl_starts_an_m60_2q_and_a_guest_lights_its_four_heads() {
+    provisioned();
+    let mdevctl = PathBuf::from(run_script("provision-mdevctl"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let daemon = Stopped(
+        spawn_ready(
+            Command::new(BIN)
+                .arg("daemon")
+                .arg("--root")
+                .arg(&root)
+                .env("RUST_LOG", "warn"),
+            "vgpu-emu daemon:",
+        )
+        .0,
+    );
+    let mdevctl_ok = |args: &[&str]| -> String {
+        let out = Command::new(&mdevctl)
+            .args(args)
+            .env("MDEVCTL_ENV_ROOT", &root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mdevctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let available = |json: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.get("m60-0"))
+            .flat_map(|types| types.as_array().unwrap())
+            .find_map(|t| t.get("vgpu_emu-m60_2q-v1"))
+            .map(|t| t["available_instances"].as_u64().unwrap())
+            .expect("the M60-2Q type on m60-0")
+    };
+    assert_eq!(available(&mdevctl_ok(&["types", "--dumpjson"])), 4);
+    let uuid = "44444444-0000-4000-8000-000000000002";
+    mdevctl_ok(&[
+        "start",
+        "-u",
+        uuid,
+        "-p",
+        "m60-0",
+        "--type",
+        "vgpu_emu-m60_2q-v1",
+    ]);
+    assert_eq!(available(&mdevctl_ok(&["types", "--dumpjson"])), 3);
+    let socket = root.join(format!("sys/bus/mdev/devices/{uuid}/vfio-user.sock"));
+    let mut guest = Guest::boot(&["--socket", socket.to_str().unwrap(), "--heads", "4"]);
+    let pci = fields(guest.line("pci"));
+    assert_eq!(
+        (pci["device"], pci["subsystem_device"], pci["driver"]),
+        ("0x1050", "0x1105", "virtio-pci"),
+        "M60-2Q's identity"
+    );
+    let card = fields(guest.line("drm-card"));
+    assert_eq!((card["driver"], card["connectors"]), ("virtio_gpu", "4"));
+    for c in guest.lines_of("drm-connector").into_iter().map(fields) {
+        assert_eq!(
+            (c["status"], c["preferred"], c["largest"]),
+            ("connected", "1920x1080", "2560x1600"),
+            "{c:?}"
+        );
+    }
+    guest.send("draw-heads 0 800x600");
+    assert_eq!(guest.expect("drawn"), "VGPU: drawn card=0 heads=4");
+    let control = Command::new(BIN)
+        .args(["screenshot", "--head", "3", "-o", "-", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(control.status.success(), "{control:?}");
+    let (w, h, rgb) = vgpu_emu::display::decode_png_rgb(&control.stdout).unwrap();
+    assert_eq!((w, h), (800, 600));
+    assert_eq!(rgb, vgpu_guest::picture::rgb(3, 800, 600));
+    guest.poweroff();
+    mdevctl_ok(&["stop", "-u", uuid]);
+    assert_eq!(available(&mdevctl_ok(&["types", "--dumpjson"])), 4);
+    drop(daemon);
+}
