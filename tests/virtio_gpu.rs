@@ -617,7 +617,15 @@ fn bad_commands_get_virtio_gpu_errors_and_the_device_keeps_serving() {
 #[test]
 fn a_disconnect_keeps_the_scanout_and_leaks_nothing_and_reset_drops_it() {
     let served = Served::start("M60-0B");
-    let before = served.fd_count();
+    // The baseline once the server is fully up: its control endpoint has answered, and the
+    // highest count over a short window (the serving loops may still be opening theirs).
+    assert_eq!(served.status()["client_connected"], false);
+    let settle = std::time::Instant::now();
+    let mut before = served.fd_count();
+    while settle.elapsed() < Duration::from_millis(300) {
+        before = before.max(served.fd_count());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     {
         let mut d = Driver::attach(&served);
         d.initialise(accept_all());
@@ -647,11 +655,22 @@ fn a_disconnect_keeps_the_scanout_and_leaks_nothing_and_reset_drops_it() {
         .screenshot_head(1)
         .expect("the scanout outlives the client");
     assert_eq!((w, h), (128, 96));
-    wait_until(
-        Duration::from_secs(10),
-        "descriptors back to baseline",
-        || served.fd_count() <= before,
-    );
+    let fds = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while served.fd_count() > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "descriptors not back to {before}: {:?}",
+            fds(served.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // The next VM start resets the device: everything goes.
     let mut c = Client::new(&served.socket).unwrap();
@@ -660,4 +679,48 @@ fn a_disconnect_keeps_the_scanout_and_leaks_nothing_and_reset_drops_it() {
         served.screenshot_head(1).is_err(),
         "reset drops the scanout"
     );
+}
+
+/// Guest RAM the server may not map (a file the client could truncate) is not reachable: a
+/// driver that puts its rings there finds the device needing a reset (and the config
+/// interrupt), the log says why and what QEMU needs, and the server keeps serving.
+#[test]
+fn rings_in_guest_ram_that_is_not_mapped_mark_the_device_broken_with_a_clear_log() {
+    let mut served = Served::start_logged("M60-0B");
+    let mut d = Driver::attach(&served);
+    // Replace the sealed RAM by a file without F_SEAL_SHRINK at the same addresses.
+    d.client.dma_unmap(0, RAM_SIZE).unwrap();
+    let unsealed = vgpu_emu::memfd::memfd_unsealed("unsealed-ram", RAM_SIZE).unwrap();
+    d.client
+        .dma_map(0, 0, RAM_SIZE, unsealed.as_raw_fd())
+        .unwrap();
+    d.ram = unsealed;
+    d.initialise(accept_all());
+    d.put(REQ, &hdr(GET_DISPLAY_INFO, 0, 0));
+    d.kick(0);
+    // The configuration interrupt (vector 0) and DEVICE_NEEDS_RESET.
+    let fd = d.msix[0].as_raw_fd();
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one pollfd on the stack.
+    assert_eq!(
+        unsafe { libc::poll(&mut pfd, 1, 10_000) },
+        1,
+        "config interrupt"
+    );
+    let common = d.common;
+    assert_ne!(d.read(common, 20, 1) & 0x40, 0, "DEVICE_NEEDS_RESET");
+    assert_eq!(d.used_idx(), 0, "nothing was served");
+    wait_until(Duration::from_secs(10), "the log line", || {
+        served.log().contains("outside mapped guest memory")
+    });
+    assert!(
+        served.log().contains("memory-backend-memfd"),
+        "{}",
+        served.log()
+    );
+    served.assert_alive();
 }

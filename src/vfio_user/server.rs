@@ -1112,7 +1112,7 @@ impl Session {
     fn refresh_ram(&mut self, ctx: &Ctx<'_>) {
         if std::mem::take(&mut self.ram_stale) {
             let ram = self.dma.guest_ram();
-            lock(ctx.instance).device.attach_memory(ram);
+            lock(ctx.instance).device.attach_memory(Some(ram));
         }
     }
 

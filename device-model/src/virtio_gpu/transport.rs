@@ -329,7 +329,10 @@ enum RingError {
 impl std::fmt::Display for RingError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RingError::Unreachable => f.write_str("ring is outside mapped guest memory"),
+            RingError::Unreachable => f.write_str(
+                "ring is outside mapped guest memory (only guest RAM shared with a file that \
+                 cannot shrink is mapped: QEMU's memory-backend-memfd with share=on)",
+            ),
             RingError::Misaligned => f.write_str("ring address breaks the alignment rules"),
             RingError::Queue(e) => write!(f, "ring is invalid ({e})"),
             RingError::BadChain(head) => write!(
