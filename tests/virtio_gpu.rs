@@ -706,11 +706,8 @@ fn rings_in_guest_ram_that_is_not_mapped_mark_the_device_broken_with_a_clear_log
         revents: 0,
     };
     // SAFETY: polls one pollfd on the stack.
-    assert_eq!(
-        unsafe { libc::poll(&mut pfd, 1, 10_000) },
-        1,
-        "config interrupt"
-    );
+    let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    assert_eq!(ready, 1, "config interrupt");
     let common = d.common;
     assert_ne!(d.read(common, 20, 1) & 0x40, 0, "DEVICE_NEEDS_RESET");
     assert_eq!(d.used_idx(), 0, "nothing was served");
