@@ -278,18 +278,7 @@ impl Driver {
             d.extend_from_slice(&(idx + 1).to_le_bytes());
             self.put(DESC + 16 * u64::from(idx), &d);
         }
-        let slot = u64::from(self.next_avail % QUEUE_SIZE);
-        self.put(AVAIL + 4 + 2 * slot, &head.to_le_bytes());
-        self.next_avail = self.next_avail.wrapping_add(1);
-        self.put(AVAIL + 2, &self.next_avail.to_le_bytes());
-        self.kick(0);
-        self.wait_used();
-        let slot = u64::from(self.last_used % QUEUE_SIZE);
-        let elem = self.get(USED + 4 + 8 * slot, 8);
-        self.last_used = self.last_used.wrapping_add(1);
-        assert_eq!(le(&elem[..4]) as u16, head, "used id");
-        let len = le(&elem[4..]) as u32;
-        (len, self.get(RESP, 4096))
+        self.offer_and_wait(head)
     }
 
     /// Like [`Driver::submit`], through one indirect descriptor table (how Linux submits a
@@ -315,6 +304,12 @@ impl Driver {
         self.put(DESC + 16 * u64::from(head), &d);
         self.put(REQ, req);
         self.put(RESP, &vec![0xee; 4096]);
+        self.offer_and_wait(head)
+    }
+
+    /// Makes the chain at `head` available, kicks, waits for the queue's interrupt, and
+    /// returns the used length and the response.
+    fn offer_and_wait(&mut self, head: u16) -> (u32, Vec<u8>) {
         let slot = u64::from(self.next_avail % QUEUE_SIZE);
         self.put(AVAIL + 4 + 2 * slot, &head.to_le_bytes());
         self.next_avail = self.next_avail.wrapping_add(1);

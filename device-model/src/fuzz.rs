@@ -76,16 +76,8 @@ pub fn run_register_ops(type_index: u8, data: &[u8]) -> RunStats {
     let Ok(mut dev) = Device::new(ty, &[0x5a; 16], Some(Box::new(vram))) else {
         return stats;
     };
-    let mut input = data;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        if input.len() < n {
-            return None;
-        }
-        let (head, rest) = input.split_at(n);
-        input = rest;
-        Some(head)
-    };
-    while let Some(op) = take(4) {
+    let mut input = Input(data);
+    while let Some(op) = input.exact(4) {
         let (kind, sel, a, b) = (op[0], op[1], op[2], op[3]);
         let len = usize::from(kind >> 4) % 9;
         // Aim most accesses at the register windows, some anywhere (including past the end).
@@ -108,7 +100,7 @@ pub fn run_register_ops(type_index: u8, data: &[u8]) -> RunStats {
                         .to_le_bytes()
                         .to_vec()
                 } else {
-                    take(len).map(<[u8]>::to_vec).unwrap_or_default()
+                    input.exact(len).map(<[u8]>::to_vec).unwrap_or_default()
                 };
                 let _ = dev.write(region, offset, &value);
             }
@@ -162,16 +154,8 @@ pub fn run_virtio_ops(type_index: u8, data: &[u8]) -> usize {
     dev.attach_memory(Some(ram.clone()));
     dev.attach_interrupts(std::sync::Arc::new(crate::bus::NullInterrupts));
     let mut ops = 0;
-    let mut input = data;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        if input.len() < n {
-            return None;
-        }
-        let (head, rest) = input.split_at(n);
-        input = rest;
-        Some(head)
-    };
-    while let Some(op) = take(4) {
+    let mut input = Input(data);
+    while let Some(op) = input.exact(4) {
         let (kind, sel, a, b) = (op[0], op[1], op[2], op[3]);
         let len = usize::from(kind >> 4) % 9;
         let (region, offset) = match sel % 8 {
@@ -192,13 +176,13 @@ pub fn run_virtio_ops(type_index: u8, data: &[u8]) -> usize {
                 let _ = dev.write(region, offset, &v[..len.clamp(1, 2)]);
             }
             2 => {
-                let value = take(len).map(<[u8]>::to_vec).unwrap_or_default();
+                let value = input.exact(len).map(<[u8]>::to_vec).unwrap_or_default();
                 let _ = dev.write(region, offset, &value);
             }
             _ => {
                 if a == 0 {
                     dev.reset();
-                } else if let Some(bytes) = take(len) {
+                } else if let Some(bytes) = input.exact(len) {
                     use vm_memory::Bytes;
                     let at = u64::from(u16::from_le_bytes([a, b]));
                     let _ = ram.write_slice(bytes, vm_memory::GuestAddress(at));
@@ -474,6 +458,14 @@ pub fn run_gpu_commands(data: &[u8]) -> GpuRunStats {
 struct Input<'a>(&'a [u8]);
 
 impl Input<'_> {
+    /// The next `n` bytes, or `None` (consuming nothing) when fewer are left.
+    fn exact(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        Some(self.take(n))
+    }
+
     fn take(&mut self, n: usize) -> &[u8] {
         let n = n.min(self.0.len());
         let (head, rest) = self.0.split_at(n);
