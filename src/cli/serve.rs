@@ -129,16 +129,26 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     );
     let _ = writeln!(
         out,
-        "Attach it with QEMU 10.1 or newer (guest RAM shared as a memfd):"
+        "Attach it with QEMU 10.1 or newer (guest RAM shared as a memfd{}):",
+        if ty.personality == vgpu_model::Personality::VirtioGpu {
+            ", which this virtio-gpu type needs"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         out,
         "  qemu-system-x86_64 {} ...",
         qemu_options(&config.socket)
     );
+    let heads = if ty.num_heads > 1 {
+        format!(" --head N (N = 0..{})", ty.num_heads - 1)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "Status: vgpu-emu status --socket {0}    Screenshot: vgpu-emu screenshot --socket {0} -o screen.png",
+        "Status: vgpu-emu status --socket {0}    Screenshot: vgpu-emu screenshot --socket {0} -o screen.png{heads}",
         shell_quote(&config.socket.display().to_string())
     );
     let _ = out.flush();
