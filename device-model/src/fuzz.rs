@@ -864,16 +864,25 @@ mod tests {
         }
     }
 
-    /// Writes the seed corpus of the `gpu_commands` fuzz target (run by hand with
-    /// `--ignored`).
+    /// The seed inputs of the `gpu_commands` fuzz target are checked in as
+    /// `fuzz/corpus/gpu_commands/seed-N`, byte for byte. After changing the seeds, write them
+    /// with `VGPU_WRITE_SEEDS=1 cargo test -p vgpu-model gpu_seed`.
     #[test]
-    #[ignore]
-    fn write_gpu_seed_corpus() {
+    fn gpu_seed_corpus_is_checked_in() {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/gpu_commands");
-        std::fs::create_dir_all(&dir).unwrap();
+        let write = std::env::var_os("VGPU_WRITE_SEEDS").is_some();
         for (i, s) in gpu_seed_inputs().iter().enumerate() {
-            std::fs::write(dir.join(format!("seed-{i}")), s).unwrap();
+            let file = dir.join(format!("seed-{i}"));
+            if write {
+                std::fs::write(&file, s).unwrap();
+            }
+            let on_disk = std::fs::read(&file).unwrap_or_default();
+            assert!(
+                on_disk == *s,
+                "{} differs from seed {i}; write the seeds with VGPU_WRITE_SEEDS=1",
+                file.display()
+            );
         }
     }
 
