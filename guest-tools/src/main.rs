@@ -45,8 +45,9 @@ enum Command {
     /// buffers per head (the head's test picture and its inverse, so every flip changes the
     /// image), the CRTC set on the first, then flips with DRM_MODE_PAGE_FLIP_EVENT, each head
     /// flipped again as soon as its previous flip's event arrives (all heads in flight
-    /// together). Prints the `head` lines of `draw`, then per head, from the events'
-    /// timestamps, `VGPU: flips card=N head=H count=C seconds=S rate=R min_ms=A avg_ms=B
+    /// together). Prints the `head` lines of `draw`, `VGPU: flipping card=N heads=K` when the
+    /// buffers are drawn and the first flips are about to be asked for, then per head, from the
+    /// events' timestamps, `VGPU: flips card=N head=H count=C seconds=S rate=R min_ms=A avg_ms=B
     /// max_ms=C` (the run from the first flip's request to the last event; intervals between
     /// consecutive completions), then `VGPU: flipped card=N heads=K`, and exits.
     Flip(FlipArgs),
@@ -308,6 +309,11 @@ fn flip(args: FlipArgs) -> io::Result<()> {
     let more = |f: &Flipping| {
         count.is_none_or(|n| f.events.len() < n) && deadline.is_none_or(|d| Instant::now() < d)
     };
+    println!(
+        "VGPU: flipping card={} heads={}",
+        card.index,
+        flipping.len()
+    );
     for f in &mut flipping {
         if more(f) {
             f.flip(&card)?;

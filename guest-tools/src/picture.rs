@@ -169,8 +169,14 @@ mod tests {
         fill_inverse_xrgb8888(2, w, h, pitch, &mut inverse);
         for y in 0..48 {
             for x in 0..64 {
-                let (a, b) = (&buf[y * pitch + x * 4..][..4], &inverse[y * pitch + x * 4..][..4]);
-                assert_eq!([a[0] ^ b[0], a[1] ^ b[1], a[2] ^ b[2], b[3]], [0xff, 0xff, 0xff, 0]);
+                let (a, b) = (
+                    &buf[y * pitch + x * 4..][..4],
+                    &inverse[y * pitch + x * 4..][..4],
+                );
+                assert_eq!(
+                    [a[0] ^ b[0], a[1] ^ b[1], a[2] ^ b[2], b[3]],
+                    [0xff, 0xff, 0xff, 0]
+                );
             }
         }
         // Tiny and multi-digit heads do not panic.
