@@ -11,9 +11,12 @@
 //! per flip (a round trip over the vfio-user socket); on QEMU's, without blob support, it flips
 //! 2D buffers (a TRANSFER_TO_HOST_2D of the whole buffer per flip) without waiting.
 //!
-//! Printed: per head and overall, our rate, QEMU's rate (the floor) and ours / QEMU's; the
-//! host CPU time of the vgpu-emu process (utime + stime of /proc/PID/stat, all its threads)
-//! per flip of our run; the vfio-user messages and register writes (virtqueue kicks) per flip.
+//! The two cards flip in alternating rounds (ours, then QEMU's, three times), so the load of a
+//! shared machine moves both sides of a round. Printed per round: the rates summed over the
+//! heads, ours / QEMU's, the host CPU time per flip of the vgpu-emu process (utime + stime of
+//! /proc/PID/stat, all its threads; and the scheduler's nanosecond figure) and of QEMU, and the
+//! vfio-user messages and register writes (virtqueue kicks) per flip. Then per head and overall
+//! the medians over the rounds: our rate, QEMU's (the floor), and ours / QEMU's.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,6 +31,8 @@ const TYPE: &str = "M60-2Q";
 const HEADS: usize = 4;
 const MODE: &str = "1024x768";
 const FLIPS: usize = 300;
+/// Alternating rounds of ours and QEMU's: the machine's load moves both sides of a round.
+const ROUNDS: usize = 3;
 const TIMEOUT: Duration = Duration::from_secs(300);
 
 fn scripts() -> PathBuf {
@@ -272,62 +277,87 @@ fn main() {
     );
 
     let pids = [served.0.id(), guest.qemu.0.id()];
-    let before = status(&socket);
-    let ours = flip(&mut guest, 0, &pids);
-    let after = status(&socket);
-    let theirs = flip(&mut guest, 1, &pids);
-    guest.send("poweroff");
-
-    println!("{HEADS} heads at {MODE}, {FLIPS} flips per head, one card at a time:");
-    println!("head  ours flips/s  QEMU's flips/s  ours/QEMU's  ours avg/max ms  QEMU's avg/max ms");
-    for (i, (o, t)) in ours.heads.iter().zip(&theirs.heads).enumerate() {
-        println!(
-            "{i:>4}  {:>12.1}  {:>14.1}  {:>10.3}x  {:>7.3}/{:<7.3}  {:>7.3}/{:<7.3}",
-            o.rate,
-            t.rate,
-            o.rate / t.rate,
-            o.avg_ms,
-            o.max_ms,
-            t.avg_ms,
-            t.max_ms
-        );
-    }
-    let sum = |h: &[Head]| h.iter().map(|h| h.rate).sum::<f64>();
-    let (o, t) = (sum(&ours.heads), sum(&theirs.heads));
-    println!(
-        "all   {o:>12.1}  {t:>14.1}  {:>10.3}x   (flips/s summed over the heads; goal >= 0.5x, \
-         1.0x)",
-        o / t
-    );
     let flips = (HEADS * FLIPS) as f64;
     let us = |s: f64| s / flips * 1e6;
+    let sum = |h: &[Head]| h.iter().map(|h| h.rate).sum::<f64>();
+    let counter = |v: &serde_json::Value, a: &str, b: &str| v[a][b].as_u64().unwrap();
     println!(
-        "host CPU per flip, from the first flip asked for to the last event (utime+stime at \
-         {} Hz / schedstat):",
+        "{ROUNDS} rounds of `flip 0` (ours) then `flip 1` (QEMU's): {HEADS} heads at {MODE}, \
+         {FLIPS} flips per head. Per round: flips/s summed over the heads, ours/QEMU's, host \
+         CPU per flip from the first flip asked for to the last event (utime+stime at {} Hz / \
+         schedstat), vfio-user messages and kicks per flip of our whole command:",
         // SAFETY: sysconf only reads a configuration value.
         unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
     );
-    println!(
-        "  vgpu-emu during our run: {:.1} / {:.1} us",
-        us(ours.cpu[0].0),
-        us(ours.cpu[0].1)
+    let mut rounds = Vec::new();
+    for round in 0..ROUNDS {
+        let before = status(&socket);
+        let ours = flip(&mut guest, 0, &pids);
+        let after = status(&socket);
+        let theirs = flip(&mut guest, 1, &pids);
+        let (o, t) = (sum(&ours.heads), sum(&theirs.heads));
+        println!(
+            "  round {round}: ours {o:.1}, QEMU's {t:.1}: {:.3}x; vgpu-emu CPU {:.1} / {:.1} us; \
+             QEMU CPU {:.1} / {:.1} us in ours, {:.1} / {:.1} us in its own; {:.2} messages, \
+             {:.2} kicks",
+            o / t,
+            us(ours.cpu[0].0),
+            us(ours.cpu[0].1),
+            us(ours.cpu[1].0),
+            us(ours.cpu[1].1),
+            us(theirs.cpu[1].0),
+            us(theirs.cpu[1].1),
+            (counter(&after, "server", "messages") - counter(&before, "server", "messages")) as f64
+                / flips,
+            (counter(&after, "accesses", "register_writes")
+                - counter(&before, "accesses", "register_writes")) as f64
+                / flips,
+        );
+        rounds.push((ours, theirs));
+    }
+    guest.send("poweroff");
+
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("medians over the rounds:");
+    println!("head  ours flips/s  QEMU's flips/s  ours/QEMU's  ours avg/max ms  QEMU's avg/max ms");
+    for i in 0..HEADS {
+        let m = |theirs: bool, f: fn(&Head) -> f64| {
+            median(
+                rounds
+                    .iter()
+                    .map(|r| f(&if theirs { &r.1 } else { &r.0 }.heads[i]))
+                    .collect(),
+            )
+        };
+        let (o, t) = (m(false, |h| h.rate), m(true, |h| h.rate));
+        println!(
+            "{i:>4}  {o:>12.1}  {t:>14.1}  {:>10.3}x  {:>7.3}/{:<7.3}  {:>7.3}/{:<7.3}",
+            o / t,
+            m(false, |h| h.avg_ms),
+            m(false, |h| h.max_ms),
+            m(true, |h| h.avg_ms),
+            m(true, |h| h.max_ms),
+        );
+    }
+    let o = median(rounds.iter().map(|r| sum(&r.0.heads)).collect());
+    let t = median(rounds.iter().map(|r| sum(&r.1.heads)).collect());
+    let ratio = median(
+        rounds
+            .iter()
+            .map(|r| sum(&r.0.heads) / sum(&r.1.heads))
+            .collect(),
     );
     println!(
-        "  QEMU during our run: {:.1} / {:.1} us; during its own: {:.1} / {:.1} us",
-        us(ours.cpu[1].0),
-        us(ours.cpu[1].1),
-        us(theirs.cpu[1].0),
-        us(theirs.cpu[1].1)
+        " all  {o:>12.1}  {t:>14.1}  {ratio:>10.3}x  (median of the rounds' ratios; goal >= 0.5x, \
+         then 1.0x)"
     );
-    let counter = |v: &serde_json::Value, a: &str, b: &str| v[a][b].as_u64().unwrap();
     println!(
-        "per flip of our run (whole command, setup included): {:.2} vfio-user messages, {:.2} \
-         register writes (kicks)",
-        (counter(&after, "server", "messages") - counter(&before, "server", "messages")) as f64
-            / flips,
-        (counter(&after, "accesses", "register_writes")
-            - counter(&before, "accesses", "register_writes")) as f64
-            / flips,
+        "vgpu-emu CPU per flip of our run: {:.1} us (utime+stime) / {:.1} us (schedstat)",
+        median(rounds.iter().map(|r| us(r.0.cpu[0].0)).collect()),
+        median(rounds.iter().map(|r| us(r.0.cpu[0].1)).collect()),
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     while guest.qemu.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
