@@ -112,6 +112,17 @@ pub fn fill_xrgb8888(head: u32, width: u32, height: u32, pitch: usize, buf: &mut
     }
 }
 
+/// The inverse picture (every colour channel complemented, X stays 0): the second buffer of a
+/// page-flipping head, so that every flip changes every pixel.
+pub fn fill_inverse_xrgb8888(head: u32, width: u32, height: u32, pitch: usize, buf: &mut [u8]) {
+    for (y, row) in buf.chunks_mut(pitch).take(height as usize).enumerate() {
+        for (x, px) in row.chunks_exact_mut(4).take(width as usize).enumerate() {
+            let p = pixel(head, width, height, x as u32, y as u32) ^ 0x00ff_ffff;
+            px.copy_from_slice(&p.to_le_bytes());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +162,21 @@ mod tests {
                 let px = &buf[y * pitch + x * 4..][..4];
                 let rgb = &pics[2][(y * 64 + x) * 3..][..3];
                 assert_eq!([px[2], px[1], px[0], px[3]], [rgb[0], rgb[1], rgb[2], 0]);
+            }
+        }
+        // The inverse differs in every pixel, channel by channel.
+        let mut inverse = vec![0u8; pitch * 48];
+        fill_inverse_xrgb8888(2, w, h, pitch, &mut inverse);
+        for y in 0..48 {
+            for x in 0..64 {
+                let (a, b) = (
+                    &buf[y * pitch + x * 4..][..4],
+                    &inverse[y * pitch + x * 4..][..4],
+                );
+                assert_eq!(
+                    [a[0] ^ b[0], a[1] ^ b[1], a[2] ^ b[2], b[3]],
+                    [0xff, 0xff, 0xff, 0]
+                );
             }
         }
         // Tiny and multi-digit heads do not panic.
