@@ -262,6 +262,37 @@ impl Device {
         }
     }
 
+    /// Gives the frame-rate limiter its clock (the server's CLOCK_MONOTONIC; a manual clock in
+    /// tests). Until then the limiter holds nothing. (Interface of the frame-rate limiter: the
+    /// limiter itself lands with its own change.)
+    pub fn attach_clock(&mut self, _clock: Arc<dyn crate::bus::Clock>) {}
+
+    /// The runtime knob (not guest ABI): with the limiter off, fenced completions are not held,
+    /// and turning it off completes at once whatever is held.
+    pub fn set_frame_rate_limiter(&mut self, _on: bool) {}
+
+    /// Whether the limiter is on.
+    pub fn frame_rate_limiter(&self) -> bool {
+        true
+    }
+
+    /// When the limiter next needs [`Device::frl_tick`], on the attached clock (an absolute
+    /// time: tick `k` is at `origin + k / frl`), or `None` while it holds nothing.
+    pub fn frl_deadline(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Runs the limiter's tick: completes (in fence order, on every head) what it held for the
+    /// ticks up to now on the attached clock. Returns how many completions it released.
+    pub fn frl_tick(&mut self) -> usize {
+        0
+    }
+
+    /// Frame-rate-limiter counters per head (empty for a personality without fences).
+    pub fn frl_counters(&self) -> Vec<crate::frl::HeadFrames> {
+        Vec::new()
+    }
+
     /// MSI-X vectors the device has (0: none, bochs).
     pub fn msix_vectors(&self) -> u32 {
         match self.model {

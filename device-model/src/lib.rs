@@ -10,6 +10,7 @@
 //! - [`bus`]: guest memory, interrupts and time, as the model reaches them.
 //! - [`virtio_gpu`]: the virtio-gpu personality (multi-head).
 //! - [`vram`]: the VRAM backing trait and a `Vec` implementation.
+//! - [`frl`]: the frame-rate limiter (an absolute-time tick per instance, an injected clock).
 //! - [`fuzz`]: the register-sequence and virtio-gpu command harnesses shared by the property
 //!   tests and `cargo fuzz`.
 //!
@@ -23,6 +24,7 @@ pub mod catalog;
 pub mod device;
 pub mod edid;
 pub mod fingerprint;
+pub mod frl;
 pub mod fuzz;
 pub mod pci;
 pub mod scanout;
