@@ -362,11 +362,19 @@ fn a_200_instance_churn_leaks_no_fd_mapping_or_thread() {
             std::fs::write(d.sys(&format!("bus/mdev/devices/{uuid}/remove")), "1").unwrap();
         }
     }
-    wait_until(
-        Duration::from_secs(10),
-        "resources back to the baseline",
-        || d.count("fd") == fds && d.count("maps") == maps && d.count("task") == tasks,
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = (d.count("fd"), d.count("maps"), d.count("task"));
+        if now == (fds, maps, tasks) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "descriptors, mappings, threads not back to {:?}: {now:?}",
+            (fds, maps, tasks)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(d.available("emu0", M64), 32);
     assert!(d.mdevctl_ok(&["list"]).trim().is_empty());
 }
