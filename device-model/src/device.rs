@@ -314,6 +314,24 @@ impl Device {
         }
     }
 
+    /// Starts recording the fenced control completions for [`Device::take_fence_log`] (the
+    /// fuzz harness checks their order; virtio-gpu only).
+    #[doc(hidden)]
+    pub fn record_fences(&mut self, on: bool) {
+        if let Model::VirtioGpu(t) = &mut self.model {
+            t.record_fences(on);
+        }
+    }
+
+    /// (order, fence id) of the fenced control requests completed since the last call.
+    #[doc(hidden)]
+    pub fn take_fence_log(&mut self) -> Vec<(u64, u64)> {
+        match &mut self.model {
+            Model::VirtioGpu(t) => t.take_fence_log(),
+            Model::Bochs { .. } => Vec::new(),
+        }
+    }
+
     /// MSI-X vectors the device has (0: none, bochs).
     pub fn msix_vectors(&self) -> u32 {
         match self.model {

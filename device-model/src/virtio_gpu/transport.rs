@@ -433,6 +433,11 @@ impl Transport {
         self.counters
     }
 
+    /// The size of queue `q` once the driver enabled it.
+    pub fn queue_size(&self, q: usize) -> Option<u16> {
+        self.queues.get(q)?.queue.as_ref().map(|queue| queue.size())
+    }
+
     /// Guest memory from now on (`None`: the client went away). Kicks remembered while there
     /// was none are served now.
     /// Losing memory drops the completions the limiter held, without completing them.
