@@ -11,6 +11,7 @@
 //! unmaps the region meanwhile: the pages go when the last holder lets go.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,6 +135,43 @@ impl InterruptSink for RecordedInterrupts {
 pub trait Clock: Send + Sync + fmt::Debug {
     /// Time since an arbitrary fixed origin (CLOCK_MONOTONIC in the server).
     fn now(&self) -> Duration;
+}
+
+/// A clock that moves only when told to (tests and fuzzing).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// A clock reading `start` (to the nanosecond; saturating at `u64::MAX` ns).
+    pub fn new(start: Duration) -> Self {
+        ManualClock(AtomicU64::new(nanos(start)))
+    }
+
+    /// Sets the time.
+    pub fn set(&self, t: Duration) {
+        self.0.store(nanos(t), Ordering::SeqCst);
+    }
+
+    /// Moves the time forward by `d` (saturating).
+    pub fn advance(&self, d: Duration) {
+        let add = nanos(d);
+        // A failed update cannot happen: the closure always returns Some.
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_add(add))
+            });
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::SeqCst))
+    }
 }
 
 #[cfg(test)]

@@ -202,6 +202,8 @@ pub struct Device {
     model: Model,
     mem: Option<Arc<GuestRam>>,
     counters: AccessCounters,
+    /// The frame-rate limiter's knob (kept here too: bochs has no limiter to ask).
+    frl_on: bool,
 }
 
 impl Device {
@@ -243,6 +245,7 @@ impl Device {
             model,
             mem: None,
             counters: AccessCounters::default(),
+            frl_on: true,
         })
     }
 
@@ -263,34 +266,70 @@ impl Device {
     }
 
     /// Gives the frame-rate limiter its clock (the server's CLOCK_MONOTONIC; a manual clock in
-    /// tests). Until then the limiter holds nothing. (Interface of the frame-rate limiter: the
-    /// limiter itself lands with its own change.)
-    pub fn attach_clock(&mut self, _clock: Arc<dyn crate::bus::Clock>) {}
+    /// tests); its tick 0 is the clock's now. Until then the limiter holds nothing. bochs has
+    /// no fence to hold: its FRL only bounds how often viewers sample the head.
+    pub fn attach_clock(&mut self, clock: Arc<dyn crate::bus::Clock>) {
+        if let Model::VirtioGpu(t) = &mut self.model {
+            t.attach_clock(clock);
+        }
+    }
 
     /// The runtime knob (not guest ABI): with the limiter off, fenced completions are not held,
     /// and turning it off completes at once whatever is held.
-    pub fn set_frame_rate_limiter(&mut self, _on: bool) {}
+    pub fn set_frame_rate_limiter(&mut self, on: bool) {
+        self.frl_on = on;
+        if let Model::VirtioGpu(t) = &mut self.model {
+            t.set_frame_rate_limiter(on);
+        }
+    }
 
     /// Whether the limiter is on.
     pub fn frame_rate_limiter(&self) -> bool {
-        true
+        self.frl_on
     }
 
     /// When the limiter next needs [`Device::frl_tick`], on the attached clock (an absolute
     /// time: tick `k` is at `origin + k / frl`), or `None` while it holds nothing.
     pub fn frl_deadline(&self) -> Option<std::time::Duration> {
-        None
+        match &self.model {
+            Model::VirtioGpu(t) => t.frl_deadline(),
+            Model::Bochs { .. } => None,
+        }
     }
 
     /// Runs the limiter's tick: completes (in fence order, on every head) what it held for the
     /// ticks up to now on the attached clock. Returns how many completions it released.
     pub fn frl_tick(&mut self) -> usize {
-        0
+        match &mut self.model {
+            Model::VirtioGpu(t) => t.frl_tick(),
+            Model::Bochs { .. } => 0,
+        }
     }
 
     /// Frame-rate-limiter counters per head (empty for a personality without fences).
     pub fn frl_counters(&self) -> Vec<crate::frl::HeadFrames> {
-        Vec::new()
+        match &self.model {
+            Model::VirtioGpu(t) => t.frl_counters(),
+            Model::Bochs { .. } => Vec::new(),
+        }
+    }
+
+    /// Starts recording the fenced control completions for [`Device::take_fence_log`] (the
+    /// fuzz harness checks their order; virtio-gpu only).
+    #[doc(hidden)]
+    pub fn record_fences(&mut self, on: bool) {
+        if let Model::VirtioGpu(t) = &mut self.model {
+            t.record_fences(on);
+        }
+    }
+
+    /// (order, fence id) of the fenced control requests completed since the last call.
+    #[doc(hidden)]
+    pub fn take_fence_log(&mut self) -> Vec<(u64, u64)> {
+        match &mut self.model {
+            Model::VirtioGpu(t) => t.take_fence_log(),
+            Model::Bochs { .. } => Vec::new(),
+        }
     }
 
     /// MSI-X vectors the device has (0: none, bochs).

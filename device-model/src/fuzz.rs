@@ -16,10 +16,11 @@ use crate::device::{Device, NUM_REGIONS};
 use crate::vram::NullVram;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use vm_memory::Bytes;
 
-use crate::bus::GuestRam;
+use crate::bus::{GuestRam, ManualClock};
 use crate::virtio_gpu::protocol::{
     encode, ty, CtrlHeader, CursorCmd, MemEntry, Rect, BLOB_MEM_GUEST, FLAG_FENCE, FORMAT_B8G8R8A8,
     FORMAT_B8G8R8X8,
@@ -41,6 +42,10 @@ pub struct RunStats {
     pub displaying: usize,
     /// Operations executed on the virtio-gpu device.
     pub virtio_ops: usize,
+    /// Steps after which the virtio-gpu device's frame-rate limiter held a completion.
+    pub frl_held: usize,
+    /// Completions the limiter released on its ticks or when the knob went off.
+    pub frl_released: usize,
 }
 
 /// Runs the operations encoded in `data` on a device of a built-in bochs type (`type_index`
@@ -63,7 +68,9 @@ pub fn run_register_ops(type_index: u8, data: &[u8]) -> RunStats {
     if bochs.is_empty() {
         return stats;
     }
-    stats.virtio_ops = run_virtio_ops(type_index, data);
+    let v = run_virtio(type_index, data);
+    (stats.virtio_ops, stats.frl_held, stats.frl_released) =
+        (v.virtio_ops, v.frl_held, v.frl_released);
     let bochs: Vec<&VgpuType> = bochs
         .iter()
         .filter(|t| t.personality == Personality::Bochs)
@@ -121,14 +128,25 @@ pub fn run_register_ops(type_index: u8, data: &[u8]) -> RunStats {
 /// Guest RAM of the virtio-gpu runs: 64 KiB at 0 (rings and buffers the ops write).
 const VIRTIO_RAM: u64 = 0x1_0000;
 
+/// Where the virtio-gpu runs' manual clock starts (the limiter's tick 0).
+const VIRTIO_T0: Duration = Duration::from_secs(1);
+
 /// Runs the operations encoded in `data` on a device of a built-in virtio-gpu type and checks
 /// the transport invariants after each one. Returns the operations executed.
 ///
 /// Each 4-byte op `(kind, sel, a, b)`: `kind % 4` 0 reads, 1 writes an interesting value, 2
-/// writes the next `len` input bytes, 3 writes them into guest RAM at `(b << 8 | a)` (or, with
-/// `a == 0`, resets the device). `sel % 8` aims: 0-2 common configuration, 3 ISR / device
-/// configuration / notify, 4 BAR1 (MSI-X), 5 config space, 6 a kick, 7 anywhere.
+/// writes the next `len` input bytes (`len = (kind >> 4) % 9`), 3 writes them into guest RAM
+/// at `(b << 8 | a)`, or, with `a == 0`, by `kind >> 4`: 0-11 resets the device, 12 advances
+/// the clock by `b` * 1.000003 ms, 13 runs the limiter's tick, 14 flips the limiter's knob, 15
+/// sets the clock to the limiter's deadline and ticks. `sel % 8` aims: 0-2 common
+/// configuration, 3 ISR / device configuration / notify, 4 BAR1 (MSI-X), 5 config space, 6 a
+/// kick, 7 anywhere.
 pub fn run_virtio_ops(type_index: u8, data: &[u8]) -> usize {
+    run_virtio(type_index, data).virtio_ops
+}
+
+fn run_virtio(type_index: u8, data: &[u8]) -> RunStats {
+    let mut stats = RunStats::default();
     static TYPES: OnceLock<Vec<VgpuType>> = OnceLock::new();
     let types = TYPES.get_or_init(|| {
         Catalog::builtin()
@@ -142,18 +160,21 @@ pub fn run_virtio_ops(type_index: u8, data: &[u8]) -> usize {
             .unwrap_or_default()
     });
     if types.is_empty() {
-        return 0;
+        return stats;
     }
     let ty = &types[usize::from(type_index) % types.len()];
     let Ok(mut dev) = Device::new(ty, &[0x5a; 16], None) else {
-        return 0;
+        return stats;
     };
     let Ok(ram) = crate::bus::anonymous_ram(&[(0, VIRTIO_RAM as usize)]) else {
-        return 0;
+        return stats;
     };
+    let clock = Arc::new(ManualClock::new(VIRTIO_T0));
     dev.attach_memory(Some(ram.clone()));
     dev.attach_interrupts(std::sync::Arc::new(crate::bus::NullInterrupts));
-    let mut ops = 0;
+    dev.attach_clock(clock.clone());
+    dev.record_fences(true);
+    let mut fences = FenceOrder::default();
     let mut input = Input(data);
     while let Some(op) = input.exact(4) {
         let (kind, sel, a, b) = (op[0], op[1], op[2], op[3]);
@@ -181,7 +202,21 @@ pub fn run_virtio_ops(type_index: u8, data: &[u8]) -> usize {
             }
             _ => {
                 if a == 0 {
-                    dev.reset();
+                    match kind >> 4 {
+                        12 => clock.advance(Duration::from_nanos(u64::from(b) * 1_000_003)),
+                        13 => stats.frl_released += dev.frl_tick(),
+                        14 => {
+                            let on = dev.frame_rate_limiter();
+                            dev.set_frame_rate_limiter(!on);
+                        }
+                        15 => {
+                            if let Some(at) = dev.frl_deadline() {
+                                clock.set(at);
+                            }
+                            stats.frl_released += dev.frl_tick();
+                        }
+                        _ => dev.reset(),
+                    }
                 } else if let Some(bytes) = input.exact(len) {
                     use vm_memory::Bytes;
                     let at = u64::from(u16::from_le_bytes([a, b]));
@@ -189,11 +224,185 @@ pub fn run_virtio_ops(type_index: u8, data: &[u8]) -> usize {
                 }
             }
         }
-        ops += 1;
+        stats.virtio_ops += 1;
         check_invariants(&dev);
+        if check_frl_invariants(&mut dev, &mut fences) {
+            stats.frl_held += 1;
+        }
     }
     let _ = dev.take_notices();
+    stats
+}
+
+/// A [`run_register_ops`] input (the type byte first; type 0 is a virtio-gpu M60 type in
+/// [`run_virtio_ops`]) in which a driver brings the virtio-gpu up the way Linux does, shows a
+/// guest blob on head 0 and flips it with fenced flushes while the clock, the limiter's tick
+/// and its knob move, then resets with a flush held: the seed that reaches the frame-rate
+/// limiter.
+pub fn virtio_frl_seed() -> Vec<u8> {
+    const DESC: u64 = 0x1010;
+    const AVAIL: u64 = 0x1110;
+    const USED: u64 = 0x1210;
+    const SIZE: u16 = 16;
+    let mut ops = vec![0u8];
+    let common = |ops: &mut Vec<u8>, at: u8, bytes: &[u8]| {
+        ops.extend([(bytes.len() as u8) << 4 | 2, 0, at, 0]);
+        ops.extend_from_slice(bytes);
+    };
+    // RAM writes of at most 8 bytes at an address whose low byte is not 0 (a 0 selects the
+    // reset and limiter ops): a chunk that would start on one starts a byte earlier.
+    let ram = |ops: &mut Vec<u8>, addr: u64, data: &[u8]| {
+        let mut at = 0usize;
+        while at < data.len() {
+            let mut from = at;
+            if (addr + from as u64) & 0xff == 0 && from > 0 {
+                from -= 1;
+            }
+            let n = (data.len() - from).min(8);
+            let start = addr + from as u64;
+            ops.extend([(n as u8) << 4 | 3, 0, start as u8, (start >> 8) as u8]);
+            ops.extend_from_slice(&data[from..from + n]);
+            at = from + n;
+        }
+    };
+    let kick = |ops: &mut Vec<u8>| ops.extend([0x21, 6, 0, 0]);
+    let frl = |ops: &mut Vec<u8>, op: u8, b: u8| ops.extend([op << 4 | 3, 0, 0, b]);
+    let (advance, tick, knob, deadline_tick) = (12, 13, 14, 15);
+    common(&mut ops, 0x14, &[1]);
+    common(&mut ops, 0x14, &[3]);
+    common(&mut ops, 0x08, &1u32.to_le_bytes());
+    common(&mut ops, 0x0c, &1u32.to_le_bytes());
+    common(&mut ops, 0x14, &[0xb]);
+    common(&mut ops, 0x16, &0u16.to_le_bytes());
+    common(&mut ops, 0x18, &SIZE.to_le_bytes());
+    common(&mut ops, 0x20, &DESC.to_le_bytes());
+    common(&mut ops, 0x28, &AVAIL.to_le_bytes());
+    common(&mut ops, 0x30, &USED.to_le_bytes());
+    common(&mut ops, 0x1a, &1u16.to_le_bytes());
+    common(&mut ops, 0x1c, &1u16.to_le_bytes());
+    common(&mut ops, 0x14, &[0xf]);
+    let mut chains = 0u16;
+    let mut send = |ops: &mut Vec<u8>, request: &[u8]| {
+        let slot = u64::from(chains % 8);
+        let (req, resp) = (0x2010 + 0x80 * slot, 0x3010 + 0x40 * slot);
+        let d = (chains * 2) % SIZE;
+        let mut descs = Vec::new();
+        for (addr, len, flags, next) in
+            [(req, request.len() as u32, 1u16, d + 1), (resp, 0x40, 2, 0)]
+        {
+            descs.extend_from_slice(&addr.to_le_bytes());
+            descs.extend_from_slice(&len.to_le_bytes());
+            descs.extend_from_slice(&flags.to_le_bytes());
+            descs.extend_from_slice(&next.to_le_bytes());
+        }
+        ram(ops, req, request);
+        ram(ops, DESC + 16 * u64::from(d), &descs);
+        ram(
+            ops,
+            AVAIL + 4 + 2 * u64::from(chains % SIZE),
+            &d.to_le_bytes(),
+        );
+        chains = chains.wrapping_add(1);
+        ram(ops, AVAIL + 2, &chains.to_le_bytes());
+        kick(ops);
+    };
+    let full = Rect {
+        x: 0,
+        y: 0,
+        width: 32,
+        height: 32,
+    };
+    let blob = MemEntry {
+        addr: 0x4000,
+        length: 0x1000,
+    };
+    send(
+        &mut ops,
+        &encode::create_blob(1, BLOB_MEM_GUEST, 0x1000, &[blob]),
+    );
+    send(
+        &mut ops,
+        &encode::set_scanout_blob(0, 1, full, (32, 32, FORMAT_B8G8R8X8), 128, 0),
+    );
+    // Two frames in one tick (one merged), released on the grid.
+    send(&mut ops, &encode::flush(1, full, Some(1)));
+    frl(&mut ops, advance, 3);
+    send(&mut ops, &encode::flush(1, full, Some(2)));
+    frl(&mut ops, deadline_tick, 0);
+    // The knob off releases at once and holds nothing; on again holds again.
+    send(&mut ops, &encode::flush(1, full, Some(3)));
+    frl(&mut ops, knob, 0);
+    send(&mut ops, &encode::flush(1, full, Some(4)));
+    frl(&mut ops, knob, 0);
+    // A fenced request behind a held flush, an unfenced one past it, a late tick.
+    send(&mut ops, &encode::flush(1, full, Some(5)));
+    send(&mut ops, &encode::header(ty::GET_DISPLAY_INFO, Some(6)));
+    send(&mut ops, &encode::get_edid(0));
+    frl(&mut ops, advance, 40);
+    frl(&mut ops, tick, 0);
+    // Held across a reset: dropped.
+    send(&mut ops, &encode::flush(1, full, Some(7)));
+    frl(&mut ops, advance, 1);
+    ops.extend([0x03, 0, 0, 0]);
+    frl(&mut ops, deadline_tick, 0);
     ops
+}
+
+/// The order of the fenced control completions seen so far.
+#[derive(Debug, Default)]
+struct FenceOrder {
+    last: Option<u64>,
+}
+
+/// Panics when the frame-rate limiter breaks its rules: more completions held than the
+/// control queue has room for, held completions without a queue or without a deadline (or a
+/// deadline with nothing held), fenced completions out of the order they were submitted in
+/// (fence-id order for a driver whose ids increase, as Linux's), or per-head counters that do
+/// not add up. Returns whether anything is held.
+fn check_frl_invariants(dev: &mut Device, order: &mut FenceOrder) -> bool {
+    for (seq, fence) in dev.take_fence_log() {
+        if let Some(last) = order.last {
+            assert!(
+                seq > last,
+                "fence {fence} (request {seq}) completed after request {last}"
+            );
+        }
+        order.last = Some(seq);
+    }
+    let Some(t) = dev.virtio_gpu() else {
+        return false;
+    };
+    let l = t.limiter();
+    let held = l.held();
+    if held > 0 {
+        let size = t
+            .queue_size(0)
+            .expect("held completions belong to a live controlq");
+        assert!(held <= usize::from(size), "{held} held, queue of {size}");
+        assert!(l.active(), "held while the limiter is off");
+        let first = l.held_iter().next().map(|h| h.held_at);
+        assert_eq!(dev.frl_deadline(), first.and_then(|t| l.next_tick_after(t)));
+        let mut prev: Option<u64> = None;
+        for h in l.held_iter() {
+            assert!(prev.is_none_or(|p| h.seq > p), "held out of order");
+            prev = Some(h.seq);
+        }
+    } else {
+        assert_eq!(dev.frl_deadline(), None, "a wake-up with nothing held");
+    }
+    for c in dev.frl_counters() {
+        let waiting = l
+            .held_iter()
+            .filter(|h| h.heads & (1 << c.head) != 0)
+            .count() as u64;
+        assert_eq!(
+            c.submitted,
+            c.presented + c.dropped + c.discarded + waiting,
+            "head {}: {c:?}, {waiting} held",
+            c.head
+        );
+    }
+    held > 0
 }
 
 /// Panics when the virtio-gpu transport breaks its rules: read-only config bytes changed,
@@ -884,6 +1093,41 @@ mod tests {
                 file.display()
             );
         }
+    }
+
+    #[test]
+    fn the_frl_seed_reaches_the_limiter() {
+        let seed = virtio_frl_seed();
+        let r = run_register_ops(seed[0], &seed[1..]);
+        assert!(r.frl_held >= 5, "{r:?}");
+        // Ticks release 1 and 2, then 5 and 6 (the knob releases 3; the reset drops 7).
+        assert_eq!(r.frl_released, 4, "{r:?}");
+        // Mutated like a fuzzer would, it keeps the invariants.
+        for at in (1..seed.len()).step_by(5) {
+            let mut m = seed.clone();
+            m[at] ^= 0x5a;
+            run_register_ops(m[0], &m[1..]);
+        }
+        let mut more = seed.clone();
+        more.extend(bytes(7, 4096));
+        run_register_ops(more[0], &more[1..]);
+    }
+
+    /// The limiter seed is checked in as `fuzz/corpus/registers/frl-seed-0`; write it with
+    /// `VGPU_WRITE_SEEDS=1 cargo test -p vgpu-model frl_seed`.
+    #[test]
+    fn frl_seed_corpus_is_checked_in() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/registers/frl-seed-0");
+        let seed = virtio_frl_seed();
+        if std::env::var_os("VGPU_WRITE_SEEDS").is_some() {
+            std::fs::write(&file, &seed).unwrap();
+        }
+        assert!(
+            std::fs::read(&file).unwrap_or_default() == seed,
+            "{} differs from the seed; write it with VGPU_WRITE_SEEDS=1",
+            file.display()
+        );
     }
 
     #[test]

@@ -50,6 +50,19 @@ pub struct Completion {
     pub response: Vec<u8>,
     /// The request carried VIRTIO_GPU_FLAG_FENCE: its fence id.
     pub fence: Option<u64>,
+    /// The request's command type (`virtio_gpu_ctrl_hdr.type`; `None`: no header).
+    pub ctrl_type: Option<u32>,
+    /// A RESOURCE_FLUSH that succeeded: the heads showing the flushed resource (bit n = head
+    /// n), whose frame it presents. 0 for every other request.
+    pub flushed_heads: u32,
+}
+
+impl Completion {
+    /// Whether the request was a RESOURCE_FLUSH (the command a blob-scanout guest fences per
+    /// frame and waits on).
+    pub fn is_flush(&self) -> bool {
+        self.ctrl_type == Some(super::protocol::ty::RESOURCE_FLUSH)
+    }
 }
 
 /// What a head shows, held so a frame can be copied without holding the device.
@@ -250,6 +263,8 @@ pub struct Gpu {
     counters: Vec<HeadCounters>,
     events: u32,
     last_fence: Option<u64>,
+    /// Heads the RESOURCE_FLUSH being executed touched (bit n = head n).
+    flushed: u32,
 }
 
 impl Gpu {
@@ -268,6 +283,7 @@ impl Gpu {
             counters: vec![HeadCounters::default(); heads as usize],
             events: 0,
             last_fence: None,
+            flushed: 0,
         }
     }
 
@@ -292,9 +308,10 @@ impl Gpu {
         let Some(hdr) = CtrlHeader::parse(request) else {
             return Completion {
                 response: encode_response(None, &Err(ErrorCode::Unspec)),
-                fence: None,
+                ..Completion::default()
             };
         };
+        self.flushed = 0;
         let result = if request.len() > MAX_REQUEST {
             Err(ErrorCode::InvalidParameter)
         } else {
@@ -307,9 +324,12 @@ impl Gpu {
         if fence.is_some() {
             self.last_fence = fence;
         }
+        let flushed_heads = if result.is_ok() { self.flushed } else { 0 };
         Completion {
             response: encode_response(Some(&hdr), &result),
             fence,
+            ctrl_type: Some(hdr.ty),
+            flushed_heads,
         }
     }
 
@@ -724,9 +744,16 @@ impl Gpu {
                 return Err(ErrorCode::InvalidParameter);
             }
         }
-        for (s, c) in self.scanouts.iter().zip(self.counters.iter_mut()) {
+        for (i, (s, c)) in self
+            .scanouts
+            .iter()
+            .zip(self.counters.iter_mut())
+            .enumerate()
+        {
             if s.as_ref().is_some_and(|s| s.resource_id() == id) {
                 c.flushes += 1;
+                // At most MAX_SCANOUTS (16) heads.
+                self.flushed |= 1u32.checked_shl(i as u32).unwrap_or(0);
             }
         }
         Ok(Response::OkNoData)

@@ -46,6 +46,17 @@
 //! Without guest memory (no client, or before its DMA maps arrive) a kick is remembered and
 //! served when memory is attached; so is a kick before DRIVER_OK (the device must not use the
 //! rings before it).
+//!
+//! The frame-rate limiter ([`crate::frl`]) paces fenced RESOURCE_FLUSHes: while it is active
+//! (knob on, FRL not 0, a clock attached), a control-queue chain whose request is a fenced
+//! RESOURCE_FLUSH is answered at once but not put in the used ring: it is held until the next
+//! tick ([`Transport::frl_tick`]). Every later fenced request of the control queue is held
+//! behind it (Linux signals all earlier fences when a later one completes, so fences complete
+//! in submission order, which is fence-id order for Linux); requests without a fence complete
+//! at once (the used ring may be out of order), and the cursor queue is never held. At most
+//! the control queue's size of chains are held; beyond, the queue is served again after a tick.
+//! Turning the knob off completes what is held at once; a reset, a ring failure and losing
+//! guest memory drop it without completing it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -60,9 +71,10 @@ use virtio_bindings::virtio_gpu::{VIRTIO_GPU_F_EDID, VIRTIO_GPU_F_RESOURCE_BLOB}
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use super::commands::{Gpu, MAX_REQUEST};
-use crate::bus::{GuestRam, InterruptSink, NullInterrupts};
+use super::commands::{Completion, Gpu, MAX_REQUEST};
+use crate::bus::{Clock, GuestRam, InterruptSink, NullInterrupts};
 use crate::catalog::{BarKind, VgpuType};
+use crate::frl::{HeadFrames, Held, Limiter};
 use crate::pci::{self, Capability, VendorCapability, CAP_ID_VENDOR};
 
 /// Feature bits the device offers (guest ABI: part of the type version).
@@ -153,6 +165,8 @@ pub const NO_VECTOR: u16 = 0xffff;
 pub const MAX_CHAIN_DESCRIPTORS: usize = 4096;
 /// Notices held for the server before older ones are dropped.
 pub const MAX_NOTICES: usize = 16;
+/// Fenced completions [`Transport::take_fence_log`] keeps between two calls.
+pub const FENCE_LOG: usize = 4096;
 /// Index of the PCI_CFG capability in [`capabilities`].
 pub const PCI_CFG_CAP_INDEX: usize = 4;
 /// Bytes of the PCI_CFG capability before its data window.
@@ -288,6 +302,11 @@ pub struct Transport {
     irq: Arc<dyn InterruptSink>,
     notices: Notices,
     counters: TransportCounters,
+    limiter: Limiter,
+    /// Fenced control requests served since the transport was created.
+    fence_seq: u64,
+    /// (order, fence id) of fenced control completions, when recording (fuzzing).
+    fence_log: Option<Vec<(u64, u64)>>,
 }
 
 /// Notices for the server to log: bounded, oldest kept, the rest counted.
@@ -360,8 +379,10 @@ impl Transport {
     /// The transport of an instance of `ty` (`uuid` for the GPU's EDID serials), with no guest
     /// memory and no interrupts attached.
     pub fn new(ty: &VgpuType, uuid: &[u8; 16]) -> Self {
+        let gpu = Gpu::new(ty, uuid);
+        let limiter = Limiter::new(ty.frl, gpu.num_scanouts());
         Transport {
-            gpu: Gpu::new(ty, uuid),
+            gpu,
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
@@ -377,6 +398,9 @@ impl Transport {
             irq: Arc::new(NullInterrupts),
             notices: Notices::default(),
             counters: TransportCounters::default(),
+            limiter,
+            fence_seq: 0,
+            fence_log: None,
         }
     }
 
@@ -409,11 +433,124 @@ impl Transport {
         self.counters
     }
 
+    /// The size of queue `q` once the driver enabled it.
+    pub fn queue_size(&self, q: usize) -> Option<u16> {
+        self.queues.get(q)?.queue.as_ref().map(|queue| queue.size())
+    }
+
     /// Guest memory from now on (`None`: the client went away). Kicks remembered while there
     /// was none are served now.
+    /// Losing memory drops the completions the limiter held, without completing them.
     pub fn attach_memory(&mut self, mem: Option<Arc<GuestRam>>) {
+        if mem.is_none() {
+            self.limiter.discard();
+        }
         self.mem = mem;
         self.serve_pending();
+    }
+
+    /// Gives the frame-rate limiter its clock (tick 0 is now). What it held on another clock
+    /// is completed first.
+    pub fn attach_clock(&mut self, clock: Arc<dyn Clock>) {
+        let held = self.limiter.release_all();
+        self.complete_held(held);
+        self.limiter.attach_clock(clock);
+    }
+
+    /// The limiter's knob: off completes at once whatever is held, and holds nothing more.
+    pub fn set_frame_rate_limiter(&mut self, on: bool) {
+        self.limiter.set_enabled(on);
+        if !on {
+            let held = self.limiter.release_all();
+            self.complete_held(held);
+        }
+    }
+
+    /// Whether the limiter's knob is on.
+    pub fn frame_rate_limiter(&self) -> bool {
+        self.limiter.enabled()
+    }
+
+    /// The limiter (its clock, grid and held completions).
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// When [`Transport::frl_tick`] next has something to complete (`None`: nothing held).
+    pub fn frl_deadline(&self) -> Option<std::time::Duration> {
+        self.limiter.deadline()
+    }
+
+    /// Completes, in order, what the limiter held for the ticks up to now, with one interrupt.
+    /// Returns how many.
+    pub fn frl_tick(&mut self) -> usize {
+        let due = self.limiter.release_due();
+        self.complete_held(due)
+    }
+
+    /// The limiter's per-head counters.
+    pub fn frl_counters(&self) -> Vec<HeadFrames> {
+        self.limiter.counters()
+    }
+
+    /// Starts (or stops) recording the fenced control completions for
+    /// [`Transport::take_fence_log`] (the fuzz harness checks their order).
+    #[doc(hidden)]
+    pub fn record_fences(&mut self, on: bool) {
+        self.fence_log = on.then(Vec::new);
+    }
+
+    /// Takes the (order, fence id) of the fenced control requests completed since the last
+    /// call, in completion order (at most [`FENCE_LOG`]; empty unless recording).
+    #[doc(hidden)]
+    pub fn take_fence_log(&mut self) -> Vec<(u64, u64)> {
+        self.fence_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Puts completions the limiter released into the control queue's used ring, then signals
+    /// its vector once (if the driver wants it), and serves the queue if it waited for room.
+    fn complete_held(&mut self, held: Vec<Held>) -> usize {
+        if held.is_empty() {
+            return 0;
+        }
+        let Some(mem) = self.mem.clone() else {
+            return 0;
+        };
+        let Some(queue) = self.queues[0].queue.as_mut() else {
+            return 0;
+        };
+        let mut used = 0usize;
+        let mut broken = None;
+        for h in &held {
+            if queue.add_used(&*mem, h.desc, h.len).is_err() {
+                broken = Some(RingError::BadChain(h.desc));
+                break;
+            }
+            used += 1;
+            log_fence(&mut self.fence_log, h.seq, h.fence);
+        }
+        let notify = if used > 0 {
+            queue.needs_notification(&*mem).map_err(RingError::Queue)
+        } else {
+            Ok(false)
+        };
+        self.counters.chains += used as u64;
+        match (broken, notify) {
+            (Some(e), _) | (None, Err(e)) => self.fail(0, &e),
+            (None, Ok(notify)) => {
+                if notify {
+                    self.isr |= 1;
+                    self.signal(self.queues[0].msix_vector);
+                }
+                if self.queues[0].pending {
+                    self.serve_pending();
+                }
+            }
+        }
+        used
     }
 
     /// Where interrupts go from now on.
@@ -433,7 +570,9 @@ impl Transport {
 
     /// Device reset (status 0, or a function reset): queues, features, ISR, vectors and the
     /// GPU's resources. Memory and interrupt attachments stay.
+    /// Completions the limiter held are dropped without being completed.
     pub fn reset(&mut self) {
+        self.limiter.discard();
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.driver_features = 0;
@@ -730,6 +869,8 @@ impl Transport {
             self.status |= status::NEEDS_RESET;
             self.config_changed();
         }
+        // Nothing more is used on a broken device: what the limiter held is dropped.
+        self.limiter.discard();
         for q in &mut self.queues {
             q.pending = false;
         }
@@ -797,19 +938,47 @@ impl Transport {
             return Err(RingError::Unreachable);
         }
         let mut used = 0u32;
+        let mut full = false;
         for _ in 0..size {
+            if qi == 0 && self.limiter.held() >= usize::from(queue.size()) {
+                // The limiter holds as many chains as the ring has: the rest waits for a tick.
+                full = true;
+                break;
+            }
             // A fresh iterator per chain re-reads the driver's index (and checks it is at
             // most a ring ahead of us), as `pop_descriptor_chain` does, without its logging.
             let Some(chain) = queue.iter(mem).map_err(RingError::Queue)?.next() else {
                 break;
             };
             let head = chain.head_index();
-            let len = serve_chain(&mut self.gpu, qi, chain, mem, &mut self.notices)?;
+            let (len, done) = serve_chain(&mut self.gpu, qi, chain, mem, &mut self.notices)?;
+            if let (0, Some(fence)) = (qi, done.fence) {
+                let seq = self.fence_seq;
+                self.fence_seq = seq.wrapping_add(1);
+                let flush = done.is_flush();
+                if flush {
+                    self.limiter.submitted(done.flushed_heads);
+                }
+                if self.limiter.active() && (flush || self.limiter.held() > 0) {
+                    self.limiter.hold(head, len, fence, done.flushed_heads, seq);
+                    continue;
+                }
+                if flush {
+                    self.limiter.presented_now(done.flushed_heads);
+                }
+                log_fence(&mut self.fence_log, seq, fence);
+            }
             queue
                 .add_used(mem, head, len)
                 .map_err(|_| RingError::BadChain(head))?;
             used += 1;
         }
+        if full {
+            self.queues[qi].pending = true;
+        }
+        let Some(queue) = self.queues[qi].queue.as_mut() else {
+            return Ok(());
+        };
         self.counters.chains += u64::from(used);
         if used > 0 && queue.needs_notification(mem).map_err(RingError::Queue)? {
             self.isr |= 1;
@@ -846,16 +1015,24 @@ impl Transport {
     }
 }
 
+fn log_fence(log: &mut Option<Vec<(u64, u64)>>, seq: u64, fence: u64) {
+    if let Some(log) = log {
+        if log.len() < FENCE_LOG {
+            log.push((seq, fence));
+        }
+    }
+}
+
 /// Serves one chain: gathers its device-readable part, runs the request, writes the response
-/// into its device-writable part. Returns the bytes written; a chain that cannot be walked is
-/// a [`RingError`].
+/// into its device-writable part. Returns the bytes written and what the request was (its
+/// response taken); a chain that cannot be walked is a [`RingError`].
 fn serve_chain(
     gpu: &mut Gpu,
     qi: usize,
     chain: virtio_queue::DescriptorChain<&GuestRam>,
     mem: &GuestRam,
     notices: &mut Notices,
-) -> Result<u32, RingError> {
+) -> Result<(u32, Completion), RingError> {
     let head = chain.head_index();
     let mut readable: Vec<(GuestAddress, u32)> = Vec::new();
     let mut writable: Vec<(GuestAddress, u32)> = Vec::new();
@@ -879,6 +1056,7 @@ fn serve_chain(
         return Err(RingError::BadChain(head));
     }
     let total: u64 = readable.iter().map(|&(_, len)| u64::from(len)).sum();
+    let mut done = Completion::default();
     let response = if total > MAX_REQUEST as u64 {
         error_response(RESP_ERR_INVALID_PARAMETER)
     } else {
@@ -894,12 +1072,12 @@ fn serve_chain(
             at = end;
         }
         if ok {
-            let done = if qi == 0 {
+            done = if qi == 0 {
                 gpu.control(mem, &request)
             } else {
                 gpu.cursor(mem, &request)
             };
-            done.response
+            std::mem::take(&mut done.response)
         } else {
             notices.push(format!(
                 "{}: request at descriptor {head} is outside guest memory; answered ERR_UNSPEC",
@@ -920,7 +1098,7 @@ fn serve_chain(
         }
         written += n;
     }
-    Ok(written as u32)
+    Ok((written as u32, done))
 }
 
 /// A bare `virtio_gpu_ctrl_hdr` carrying error `code`.

@@ -37,7 +37,11 @@ fn m60() -> Device {
 
 impl Guest {
     fn new() -> Guest {
-        let mut dev = m60();
+        Guest::with(m60())
+    }
+
+    /// A guest of `dev`, with guest RAM and recorded interrupts attached.
+    fn with(mut dev: Device) -> Guest {
         let ram = anonymous_ram(&[(0, RAM)]).unwrap();
         let irq = Arc::new(RecordedInterrupts::default());
         dev.attach_memory(Some(ram.clone()));
@@ -645,3 +649,5 @@ fn heads_are_reported_without_vram() {
     );
     assert_eq!(dev.capture(0).err(), Some(crate::NotDisplaying::Disabled));
 }
+
+mod limiter;
