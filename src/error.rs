@@ -111,6 +111,9 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// A bad `KEY=VALUE` runtime setting.
+    #[error(transparent)]
+    Setting(#[from] crate::instance::KnobError),
     /// Another run-time failure.
     #[error("server failed")]
     Runtime(#[source] std::io::Error),
@@ -135,6 +138,8 @@ impl CliError {
                 bad_input: true, ..
             }
             | CliError::Config(_)
+            | CliError::Setting(_)
+            | CliError::Control(crate::manage::control::ControlError::BadInput(_))
             | CliError::Root(_) => EXIT_USAGE,
             CliError::Json(_)
             | CliError::Socket(_)

@@ -149,6 +149,18 @@ enum Command {
         /// Instance UUID.
         uuid: String,
     },
+    /// Change a running instance's runtime settings at once (not guest ABI; no reset), through
+    /// its control endpoint PATH.ctl. Settings: frame_rate_limiter=0|1 (0 lifts the frame-rate
+    /// limit: fences complete as soon as the command is processed).
+    Set {
+        /// The instance's vfio-user socket [default: the one `serve` uses by default,
+        /// $XDG_RUNTIME_DIR/vgpu-emu.sock, else /tmp/vgpu-emu-UID.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// KEY=VALUE (repeatable; all are applied, or none).
+        #[arg(value_name = "KEY=VALUE", required = true, value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
+    },
     /// Save a head's current image as PNG.
     Screenshot {
         /// The instance's vfio-user socket [default: the one `serve` uses by default,
@@ -178,6 +190,29 @@ struct ServeArgs {
     /// Instance UUID [default: a random one].
     #[arg(long, value_name = "UUID")]
     uuid: Option<String>,
+    /// Start with the frame-rate limiter on (1) or off (0); `vgpu-emu set` changes it later.
+    #[arg(long = "frame-rate-limiter", value_name = "0|1", default_value = "1", value_parser = parse_bit)]
+    frame_rate_limiter: Option<bool>,
+}
+
+/// `0` or `1`.
+fn parse_bit(s: &str) -> Result<bool, String> {
+    match s {
+        "1" => Ok(true),
+        "0" => Ok(false),
+        _ => Err("expected 0 or 1".into()),
+    }
+}
+
+/// `KEY=VALUE`.
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!(
+            "expected KEY=VALUE, e.g. frame_rate_limiter=0 (settings: {})",
+            vgpu_emu::instance::KNOBS.join(", ")
+        )),
+    }
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -191,6 +226,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             type_spec: args.type_spec,
             socket: args.socket.unwrap_or_else(serve::default_socket),
             uuid,
+            frame_rate_limiter: args.frame_rate_limiter.unwrap_or(true),
         })
     }
 }
@@ -225,22 +261,31 @@ fn status_text(s: &vgpu_emu::instance::Status) -> String {
             yes_no(s.client_connected, "connected", "not connected"),
         ),
     ];
-    rows.extend(
-        s.heads
-            .iter()
-            .map(|h| (format!("head {}", h.head), h.mode.clone())),
-    );
+    rows.extend(s.heads.iter().map(|h| {
+        let frames = h.frames.map_or(String::new(), |f| {
+            format!(
+                "; frames {} submitted, {} presented, {} dropped, {:.1}/s",
+                f.submitted, f.presented, f.dropped, f.present_rate
+            )
+        });
+        (format!("head {}", h.head), format!("{}{frames}", h.mode))
+    }));
     rows.push(("blanked".into(), yes_no(s.blanked, "yes", "no")));
     let frl = if s.frl == 0 {
         "off".to_string()
     } else {
         format!("{} fps", s.frl)
     };
+    let rt = &s.frl_runtime;
     rows.push((
         "frl".into(),
         format!(
-            "{frl}, frame_rate_limiter {}",
-            yes_no(s.frame_rate_limiter, "on", "off")
+            "{frl}, frame_rate_limiter {}; {} ticks released {} completions ({} wake-ups, latest tick {} us late at most)",
+            yes_no(s.frame_rate_limiter, "on", "off"),
+            rt.ticks,
+            rt.released,
+            rt.wakeups,
+            rt.max_lateness_us
         ),
     ));
     let (sv, a) = (&s.server, &s.accesses);
@@ -371,14 +416,15 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             if json {
                 print(&(serde_json::to_string_pretty(&list)? + "\n"));
             } else {
-                let mut out = String::from("UUID                                  PARENT  TYPE                    CLIENT  SOCKET\n");
+                let mut out = String::from("UUID                                  PARENT  TYPE                    CLIENT  FRL  SOCKET\n");
                 for i in &list {
                     out.push_str(&format!(
-                        "{:<36}  {:<6}  {:<22}  {:<6}  {}\n",
+                        "{:<36}  {:<6}  {:<22}  {:<6}  {:<3}  {}\n",
                         i.uuid,
                         i.parent,
                         i.type_key,
                         if i.client_connected { "yes" } else { "no" },
+                        if i.frame_rate_limiter { "on" } else { "off" },
                         i.socket
                     ));
                 }
@@ -419,6 +465,17 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             } else {
                 status_text(&s)
             });
+            Ok(())
+        }
+        Command::Set { socket, settings } => {
+            // Checked here too, so bad input is told apart from an instance that is not there.
+            for (k, v) in &settings {
+                vgpu_emu::instance::Knob::parse(k, v)?;
+            }
+            let socket = socket.unwrap_or_else(serve::default_socket);
+            let socket = std::fs::canonicalize(&socket).unwrap_or(socket);
+            let applied = control::set(&control_path(&socket), settings.into_iter().collect())?;
+            print(&applied.iter().map(|a| format!("{a}\n")).collect::<String>());
             Ok(())
         }
         Command::Screenshot {

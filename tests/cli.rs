@@ -5,6 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use common::{spawn_ready, BIN};
 
@@ -766,4 +767,183 @@ fn a_bad_lock_file_is_refused() {
         USAGE,
         "lock file /dev/zero is larger than 1024 KiB",
     );
+}
+
+/// `vgpu-emu set` changes the frame-rate-limiter knob of a served instance at once; bad input
+/// (an unknown key, a bad value, no `=`) exits 2 and changes nothing; no instance answering
+/// exits 1. The control endpoint itself refuses bad settings as bad input, all or nothing.
+#[test]
+fn set_changes_the_knob_and_refuses_bad_input() {
+    let served = common::Served::start("M60-0B");
+    let cli = |args: &[&str]| served.cli(args);
+    assert_eq!(served.status()["frame_rate_limiter"], true);
+
+    let out = cli(&["set", "frame_rate_limiter=0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "frame_rate_limiter=0\n"
+    );
+    let status = served.status();
+    assert_eq!(status["frame_rate_limiter"], false);
+    let text = cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("45 fps, frame_rate_limiter off"), "{text}");
+
+    for (args, needle) in [
+        (
+            &["set", "fps=1"][..],
+            "unknown setting `fps` (settings: frame_rate_limiter)",
+        ),
+        (
+            &["set", "frame_rate_limiter=2"][..],
+            "invalid value `2` for frame_rate_limiter: 0 or 1",
+        ),
+        (
+            &["set", "frame_rate_limiter=1", "frame_rate_limiter2=1"][..],
+            "unknown setting `frame_rate_limiter2`",
+        ),
+        (&["set", "frame_rate_limiter"][..], "expected KEY=VALUE"),
+        (&["set"][..], "required"),
+    ] {
+        let out = cli(args);
+        assert_eq!(out.status.code(), Some(USAGE), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            served.status()["frame_rate_limiter"],
+            false,
+            "{args:?} changed nothing"
+        );
+    }
+
+    // The endpoint's own checks (a client that skips the CLI's): bad input, all or nothing.
+    let ctl = common::ctl_path(&served.socket);
+    let ask = |request: &str| -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        let s = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+        writeln!(&s, "{request}").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let reply = ask(r#"{"op":"set","settings":{"frame_rate_limiter":"1","x":"1"}}"#);
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert_eq!(reply["bad_input"], true, "{reply}");
+    assert_eq!(served.status()["frame_rate_limiter"], false);
+    let reply = ask(r#"{"op":"set","settings":{}}"#);
+    assert_eq!(reply["bad_input"], true, "{reply}");
+    let reply = ask(r#"{"op":"set","settings":{"frame_rate_limiter":"1"}}"#);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["applied"][0], "frame_rate_limiter=1");
+    assert_eq!(served.status()["frame_rate_limiter"], true);
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.sock");
+    let missing = missing.to_str().unwrap();
+    assert_exit(
+        &["set", "--socket", missing, "frame_rate_limiter=0"],
+        FAILURE,
+        "no vgpu-emu instance answers",
+    );
+    // Bad input is bad input even with nobody there.
+    assert_exit(
+        &["set", "--socket", missing, "frame_rate_limiter=x"],
+        USAGE,
+        "invalid value `x`",
+    );
+}
+
+/// `serve --frame-rate-limiter 0` starts with the limiter off; anything but 0 or 1 is refused.
+#[test]
+fn serve_can_start_with_the_limiter_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("v.sock");
+    let (mut child, _) = spawn_ready(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--type",
+                "M60-0B",
+                "--frame-rate-limiter",
+                "0",
+                "--socket",
+            ])
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit()),
+        "vgpu-emu: serving ",
+    );
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["frame_rate_limiter"], false);
+    let _ = child.kill();
+    let _ = child.wait();
+    let s = socket.to_str().unwrap();
+    assert_exit(
+        &["serve", "--frame-rate-limiter", "2", "--socket", s],
+        USAGE,
+        "expected 0 or 1",
+    );
+}
+
+/// Context switches of every thread of `pid` (voluntary and not): a thread that never wakes
+/// adds none.
+fn context_switches(pid: u32) -> (u64, Vec<String>) {
+    let mut total = 0;
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap();
+            }
+        }
+        threads.push(comm.trim().to_string());
+    }
+    (total, threads)
+}
+
+/// CPU time of `pid` in clock ticks (utime + stime).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: state is field 3; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A served virtio-gpu instance with no guest costs nothing: over a second no thread of the
+/// process wakes up (no context switch at all, so no CPU time either), and the frame-rate
+/// limiter's runtime reports no wake-up.
+#[test]
+fn an_idle_instance_costs_no_cpu_and_no_wakeups() {
+    let served = common::Served::start("M60-2Q");
+    let pid = served.pid();
+    // Let the start-up settle (the readiness probe's connection is answered).
+    std::thread::sleep(Duration::from_millis(300));
+    let (switches, threads) = context_switches(pid);
+    assert!(
+        threads.iter().any(|t| t.starts_with("frl-")),
+        "a runtime thread: {threads:?}"
+    );
+    let cpu = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let (switches_after, _) = context_switches(pid);
+    assert_eq!(cpu_ticks(pid), cpu, "CPU time while idle");
+    assert_eq!(switches_after, switches, "thread wake-ups while idle");
+    let status = served.status();
+    assert_eq!(status["frl_runtime"]["wakeups"], 0, "{status}");
+    assert_eq!(status["frl_runtime"]["ticks"], 0, "{status}");
 }

@@ -118,6 +118,58 @@ struct TypeView<'a> {
     /// The lock file that holds this user version fixed.
     locked_in: Option<String>,
     edid_modes: Vec<Mode>,
+    /// What the frame-rate limit does to a guest of this personality.
+    frl_pacing: String,
+    /// The guest's own cap on how slow the limiter can pace it (virtio-gpu: the fence timeout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frl_guest_cap: Option<String>,
+}
+
+/// How long Linux `virtio_gpu` waits for a fence before it completes a commit anyway.
+pub const LINUX_FENCE_TIMEOUT_MS: u32 = 50;
+
+/// What the frame-rate limit of `ty` does, and the guest's cap on it: the `describe` lines.
+pub fn frl_pacing(ty: &VgpuType) -> (String, Option<String>) {
+    let floor = 1000 / LINUX_FENCE_TIMEOUT_MS;
+    match ty.personality {
+        vgpu_model::Personality::Bochs => (
+            if ty.frl == 0 {
+                "off: EDID refresh 60 Hz; viewers and screenshots sample the head at most at 60 \
+                 fps (bochs has no fence to hold: the guest is never paced)"
+                    .into()
+            } else {
+                format!(
+                    "{0} fps: the EDID refresh rate, and the rate at which viewers and screenshots \
+                     sample the head (bochs has no fence to hold: the guest is never paced)",
+                    ty.frl
+                )
+            },
+            None,
+        ),
+        vgpu_model::Personality::VirtioGpu => {
+            let pacing = if ty.frl == 0 {
+                "off: fences complete as soon as the command is processed".into()
+            } else {
+                format!(
+                    "{0} fps: fenced flushes complete on the instance's tick, so a Linux \
+                     virtio_gpu guest on blob scanouts flips at most {0} times a second per head \
+                     (frame_rate_limiter=0 lifts it)",
+                    ty.frl
+                )
+            };
+            let mut cap = format!(
+                "Linux waits at most {LINUX_FENCE_TIMEOUT_MS} ms for a fence, so a limit below \
+                 {floor} fps is capped by the guest at {floor} fps"
+            );
+            if ty.frl != 0 && ty.frl < floor {
+                cap.push_str(&format!(
+                    ": this type's {} fps is felt as {floor} fps",
+                    ty.frl
+                ));
+            }
+            (pacing, Some(cap))
+        }
+    }
 }
 
 fn view<'a>(catalog: &Catalog, locked: &Locked, ty: &'a VgpuType) -> TypeView<'a> {
@@ -136,6 +188,8 @@ fn view<'a>(catalog: &Catalog, locked: &Locked, ty: &'a VgpuType) -> TypeView<'a
         released: fingerprint::is_released(ty) || locked_in.is_some(),
         locked_in,
         edid_modes: edid::decode_modes(&edid::generate(ty, &[0; 16])).unwrap_or_default(),
+        frl_pacing: frl_pacing(ty).0,
+        frl_guest_cap: frl_pacing(ty).1,
     }
 }
 
@@ -346,20 +400,25 @@ pub fn describe(
                 ty.version
             ),
         );
-        kv("interrupts", "none (interrupt pin 0, no MSI/MSI-X)".into());
+        kv(
+            "interrupts",
+            match ty.personality {
+                vgpu_model::Personality::Bochs => "none (interrupt pin 0, no MSI/MSI-X)".into(),
+                vgpu_model::Personality::VirtioGpu => {
+                    "MSI-X, 3 vectors: configuration, control queue, cursor queue (interrupt pin 0)"
+                        .to_string()
+                }
+            },
+        );
     }
     kv("framebuffer", human_size(ty.framebuffer));
     kv("heads", ty.num_heads.to_string());
     kv("max resolution", ty.max_resolution.to_string());
     kv("default resolution", ty.default_resolution.to_string());
-    kv(
-        "frame-rate limit",
-        if ty.frl == 0 {
-            "off (EDID refresh 60 Hz)".into()
-        } else {
-            format!("{} fps", ty.frl)
-        },
-    );
+    kv("frame-rate limit", v.frl_pacing.clone());
+    if let Some(cap) = &v.frl_guest_cap {
+        kv("fence timeout", cap.clone());
+    }
     kv(
         "EDID modes",
         modes_text(&v.edid_modes, " (preferred)", ", "),

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use vgpu_model::{Catalog, VgpuType};
 
 use crate::error::CliError;
-use crate::instance::Instance;
+use crate::instance::{start_runtime, Instance};
 use crate::manage::control::ControlServer;
 use crate::sys::socket::{self, control_path, RemoveOnDrop};
 use crate::vfio_user::server::Server;
@@ -23,6 +23,8 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     /// Instance UUID (EDID serial; mdev identity).
     pub uuid: Uuid,
+    /// The frame-rate-limiter knob to start with (`vgpu-emu set` changes it later).
+    pub frame_rate_limiter: bool,
 }
 
 /// The socket used when none is given: `$XDG_RUNTIME_DIR/vgpu-emu.sock`, else
@@ -95,8 +97,11 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     let ctl_listener = socket::bind(&ctl_path)?;
     let _ctl_guard = RemoveOnDrop(ctl_path.clone());
 
-    let (instance, vram_file) = Instance::new(ty, config.uuid, config.socket.clone())?;
+    let (mut instance, vram_file) = Instance::new(ty, config.uuid, config.socket.clone())?;
+    // No runtime yet: nothing to wake.
+    let _ = instance.set_frame_rate_limiter(config.frame_rate_limiter);
     let shared = Arc::new(Mutex::new(instance));
+    let runtime = start_runtime(&shared).map_err(CliError::Runtime)?;
     let control = ControlServer::spawn(ctl_listener, shared.clone()).map_err(CliError::Runtime)?;
     let (mut server, stop) = Server::new(listener, shared, vram_file).map_err(CliError::Runtime)?;
 
@@ -161,6 +166,7 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     let result = server.run();
     signal_handle.close();
     let _ = signal_thread.join();
+    runtime.stop();
     control.stop();
     info!(
         "stopped; removed {} and {}",

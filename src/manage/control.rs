@@ -8,7 +8,13 @@
 //!  -> {"op":"status"}                 <- {"ok":true,"status":{...}}
 //!  -> {"op":"screenshot","head":0}    <- {"ok":true,"png_bytes":N}\n<N bytes of PNG>
 //!                                     <- {"ok":false,"error":"head 0 is not displaying: ..."}
+//!  -> {"op":"set","settings":{"frame_rate_limiter":"0"}}
+//!                                     <- {"ok":true,"applied":["frame_rate_limiter=0"]}
+//!                                     <- {"ok":false,"bad_input":true,"error":"unknown setting ..."}
 //! ```
+//!
+//! `set` changes runtime settings (not guest ABI; [`crate::instance::Knob`]) at once: all of
+//! them or, when one is unknown or has a bad value, none.
 //!
 //! One thread per endpoint serves a few clients at a time without ever waiting on one (see
 //! [`ControlServer`]). Capturing holds the instance lock only for the copy out of VRAM, and the
@@ -28,7 +34,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use serde::{Deserialize, Serialize};
 
 use crate::display::encode_png;
-use crate::instance::{lock, SharedInstance, Status};
+use crate::instance::{lock, Knob, SharedInstance, Status};
 use crate::log_limited;
 use crate::ratelimit::RateLimit;
 
@@ -48,13 +54,24 @@ pub enum Request {
         /// Head index.
         head: u32,
     },
+    /// Change runtime settings, `KEY` to `VALUE` (all or none).
+    Set {
+        /// The settings.
+        settings: std::collections::BTreeMap<String, String>,
+    },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Reply {
     ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// The refusal is the request's fault (an unknown setting, a bad value).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    bad_input: bool,
+    /// What `set` applied, `KEY=VALUE` each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    applied: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -462,10 +479,8 @@ fn serve_one(line: &str, out: &mut Vec<u8>, instance: &SharedInstance) -> io::Re
     let mut out = out;
     let fail = |out: &mut &mut Vec<u8>, error: String| -> io::Result<()> {
         let reply = Reply {
-            ok: false,
             error: Some(error),
-            status: None,
-            png_bytes: None,
+            ..Reply::default()
         };
         writeln!(out, "{}", serde_json::to_string(&reply)?)
     };
@@ -478,9 +493,36 @@ fn serve_one(line: &str, out: &mut Vec<u8>, instance: &SharedInstance) -> io::Re
             let status = lock(instance).status();
             let reply = Reply {
                 ok: true,
-                error: None,
                 status: Some(status),
-                png_bytes: None,
+                ..Reply::default()
+            };
+            writeln!(out, "{}", serde_json::to_string(&reply)?)
+        }
+        Request::Set { settings } => {
+            let knobs: Result<Vec<Knob>, _> =
+                settings.iter().map(|(k, v)| Knob::parse(k, v)).collect();
+            let reply = match knobs {
+                Ok(knobs) if !knobs.is_empty() => {
+                    for k in &knobs {
+                        k.apply(instance);
+                        log::info!("{k}");
+                    }
+                    Reply {
+                        ok: true,
+                        applied: Some(knobs.iter().map(Knob::to_string).collect()),
+                        ..Reply::default()
+                    }
+                }
+                Ok(_) => Reply {
+                    error: Some("nothing to set".into()),
+                    bad_input: true,
+                    ..Reply::default()
+                },
+                Err(e) => Reply {
+                    error: Some(e.to_string()),
+                    bad_input: true,
+                    ..Reply::default()
+                },
             };
             writeln!(out, "{}", serde_json::to_string(&reply)?)
         }
@@ -493,9 +535,8 @@ fn serve_one(line: &str, out: &mut Vec<u8>, instance: &SharedInstance) -> io::Re
                     Ok(png) => {
                         let reply = Reply {
                             ok: true,
-                            error: None,
-                            status: None,
                             png_bytes: Some(png.len() as u64),
+                            ..Reply::default()
                         };
                         writeln!(out, "{}", serde_json::to_string(&reply)?)?;
                         out.write_all(&png)
@@ -527,6 +568,9 @@ pub enum ControlError {
     /// The instance refused.
     #[error("{0}")]
     Refused(String),
+    /// The instance refused the request as bad input (an unknown setting, a bad value).
+    #[error("{0}")]
+    BadInput(String),
 }
 
 fn exchange(
@@ -552,9 +596,12 @@ fn exchange(
     let reply: Reply =
         serde_json::from_str(header.trim()).map_err(|e| ControlError::BadReply(e.to_string()))?;
     if !reply.ok {
-        return Err(ControlError::Refused(
-            reply.error.unwrap_or_else(|| "request refused".into()),
-        ));
+        let why = reply.error.unwrap_or_else(|| "request refused".into());
+        return Err(if reply.bad_input {
+            ControlError::BadInput(why)
+        } else {
+            ControlError::Refused(why)
+        });
     }
     Ok((reply, reader))
 }
@@ -590,4 +637,16 @@ pub fn screenshot(control: &Path, head: u32) -> Result<Vec<u8>, ControlError> {
         )));
     }
     Ok(png)
+}
+
+/// Changes runtime settings of the instance at control socket `control` (all or none); returns
+/// what was applied, `KEY=VALUE` each.
+pub fn set(
+    control: &Path,
+    settings: std::collections::BTreeMap<String, String>,
+) -> Result<Vec<String>, ControlError> {
+    let (reply, _) = exchange(control, &Request::Set { settings })?;
+    reply
+        .applied
+        .ok_or_else(|| ControlError::BadReply("no settings in reply".into()))
 }

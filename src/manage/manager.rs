@@ -18,7 +18,8 @@ use serde::Serialize;
 use uuid::Uuid;
 use vgpu_model::{Catalog, VgpuType};
 
-use crate::instance::{lock, Instance, SharedInstance};
+use crate::instance::runtime::Runtime;
+use crate::instance::{lock, start_runtime, Instance, Knob, SharedInstance};
 use crate::manage::control::ControlServer;
 use crate::sys::socket::{self, control_path, RemoveOnDrop};
 use crate::vfio_user::irq::Signalled;
@@ -319,6 +320,8 @@ struct Managed {
     /// A removal is waiting for the client to release the instance.
     removing: bool,
     server: Option<JoinHandle<()>>,
+    /// The frame-rate limiter's tick.
+    runtime: Option<Runtime>,
     control: Option<ControlServer>,
     _socket_guards: [RemoveOnDrop; 2],
 }
@@ -328,6 +331,9 @@ impl Managed {
         self.stop.stop();
         if let Some(t) = self.server.take() {
             let _ = t.join();
+        }
+        if let Some(r) = self.runtime.take() {
+            r.stop();
         }
         if let Some(c) = self.control.take() {
             c.stop();
@@ -613,12 +619,14 @@ impl Manager {
         let (instance, vram) =
             Instance::new(&ty, uuid, socket.clone()).map_err(StartError::from)?;
         let shared = Arc::new(Mutex::new(instance));
+        let runtime = start_runtime(&shared).map_err(StartError::Server)?;
         let control =
             ControlServer::spawn(ctl_listener, shared.clone()).map_err(StartError::Server)?;
         let (mut server, stop) = match Server::new(listener, shared.clone(), vram) {
             Ok(s) => s,
             Err(e) => {
                 control.stop();
+                runtime.stop();
                 return Err(StartError::Server(e).into());
             }
         };
@@ -633,6 +641,7 @@ impl Manager {
             Ok(t) => t,
             Err(e) => {
                 control.stop();
+                runtime.stop();
                 return Err(StartError::Server(e).into());
             }
         };
@@ -653,6 +662,7 @@ impl Manager {
                 shared,
                 stop,
                 server: Some(thread),
+                runtime: Some(runtime),
                 control: Some(control),
                 _socket_guards: [guard, ctl_guard],
             },
@@ -806,27 +816,18 @@ impl Manager {
             .instances
             .get(uuid)
             .ok_or(ManageError::NoInstance(*uuid))?;
-        let bad = || ManageError::BadAttr {
+        let knob = Knob::parse(attr, value).map_err(|_| ManageError::BadAttr {
             attr: attr.to_string(),
             value: value.trim().to_string(),
-        };
-        match attr {
-            "frame_rate_limiter" => {
-                let on = match value.trim() {
-                    "1" => true,
-                    "0" => false,
-                    _ => return Err(bad()),
-                };
-                lock(&m.shared).frl_enabled = on;
-                info!("{uuid}: frame_rate_limiter={}", u8::from(on));
-                Ok(())
-            }
-            _ => Err(bad()),
-        }
+        })?;
+        // At once, on the device too, and the runtime is woken (a deadline may have gone).
+        knob.apply(&m.shared);
+        info!("{uuid}: {knob}");
+        Ok(())
     }
 
     /// Runtime attributes every instance has.
-    pub const ATTRS: [&'static str; 1] = ["frame_rate_limiter"];
+    pub const ATTRS: [&'static str; 1] = crate::instance::KNOBS;
 
     /// `vgpu-emu list`.
     pub fn list(&self) -> Vec<InstanceInfo> {

@@ -1296,11 +1296,19 @@ impl Session {
                 if data.len() != a.count.get() as usize || a.count.get() > caps.max_xfer {
                     return Err(libc::EINVAL);
                 }
-                let (written, notices) = {
+                let (written, notices, wake) = {
                     let mut inst = lock(ctx.instance);
+                    let before = inst.frl_deadline();
                     let written = inst.device.write(a.region.get(), a.offset.get(), data);
-                    (written, inst.device.take_notices())
+                    let wake = inst.waker_if_sooner(before);
+                    (written, inst.device.take_notices(), wake)
                 };
+                // The limiter now holds something due sooner than the runtime sleeps for: wake
+                // it (one eventfd write, never blocking) after the lock is released. The reply
+                // never waits for pacing.
+                if let Some(w) = wake {
+                    w.wake();
+                }
                 self.log_notices(notices);
                 if let Err(e) = written {
                     trace!("{e}");
@@ -1335,16 +1343,27 @@ impl Session {
                         .validate(w.region.get(), w.offset.get(), w.count.get() as usize)
                         .map_err(|_| libc::EINVAL)?;
                 }
+                let before = inst.frl_deadline();
+                let mut written = Ok(());
                 for w in &entries {
                     let data = &w.data[..w.count.get() as usize];
-                    inst.device
+                    written = inst
+                        .device
                         .write(w.region.get(), w.offset.get(), data)
-                        .map_err(|_| libc::EINVAL)?;
+                        .map(drop)
+                        .map_err(|_| libc::EINVAL);
+                    if written.is_err() {
+                        break;
+                    }
                 }
+                let wake = inst.waker_if_sooner(before);
                 let notices = inst.device.take_notices();
                 drop(inst);
+                if let Some(w) = wake {
+                    w.wake();
+                }
                 self.log_notices(notices);
-                Ok(())
+                written
             }
             cmd::DEVICE_RESET => {
                 lock(ctx.instance).device.reset();

@@ -1,19 +1,26 @@
-//! A served vGPU instance: the device model plus what the server and control endpoint report.
+//! A served vGPU instance: the device model plus what the server and control endpoint report,
+//! its runtime knobs, and its runtime thread ([`runtime`]: the frame-rate limiter's tick).
+
+pub mod runtime;
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use std::time::SystemTime;
 
 use serde::Serialize;
 use uuid::Uuid;
 use vgpu_model::device::AccessCounters;
 use vgpu_model::device::HeadImage;
+use vgpu_model::frl::HeadFrames;
 use vgpu_model::scanout::{Frame, NotDisplaying};
 use vgpu_model::{Device, DeviceError, Personality, VgpuType, VramRead};
 
+use crate::sys::clock::MonotonicClock;
 use crate::sys::memfd::{MemfdVram, VramView};
+use runtime::{Runtime, RuntimeCounters, RuntimeStats, Waker};
 
 /// Protocol-level counters of the vfio-user server, as `status` reports them.
 #[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
@@ -82,8 +89,14 @@ pub struct Instance {
     pub stats: Arc<ServerStats>,
     /// A read-only view of VRAM, for copying frames without the lock (memfd VRAM only).
     pub vram_view: Option<VramView>,
-    /// Runtime knob (not guest ABI): whether the frame-rate limiter applies to viewers.
+    /// Runtime knob (not guest ABI): whether the frame-rate limiter holds fenced completions
+    /// (and applies to viewers). Kept equal to the device's own knob by
+    /// [`Instance::set_frame_rate_limiter`].
     pub frl_enabled: bool,
+    /// Wakes the instance's runtime thread, while one runs ([`start_runtime`]).
+    pub frl_waker: Option<Arc<Waker>>,
+    /// The runtime thread's counters.
+    pub frl_stats: Arc<RuntimeStats>,
 }
 
 /// The instance as the server thread and the control thread share it.
@@ -151,7 +164,8 @@ impl Instance {
         if ty.personality != Personality::Bochs {
             // No VRAM: the framebuffer is the budget of host-side resources and scanouts live
             // in guest RAM.
-            let device = Device::new(ty, uuid.as_bytes(), None)?;
+            let mut device = Device::new(ty, uuid.as_bytes(), None)?;
+            device.attach_clock(Arc::new(MonotonicClock));
             return Ok((Instance::from_device(device, uuid, socket), None));
         }
         let name = format!("vgpu-emu-vram-{uuid}");
@@ -161,14 +175,17 @@ impl Instance {
                 source,
             })?;
         let view = vram.view();
-        let device = Device::new(ty, uuid.as_bytes(), Some(Box::new(vram)))?;
+        let mut device = Device::new(ty, uuid.as_bytes(), Some(Box::new(vram)))?;
+        device.attach_clock(Arc::new(MonotonicClock));
         let mut instance = Instance::from_device(device, uuid, socket);
         instance.vram_view = Some(view);
         Ok((instance, Some(file)))
     }
 
-    /// An instance around an existing device (tests and fuzzing; VRAM of any backing).
+    /// An instance around an existing device (tests and fuzzing; VRAM of any backing; the
+    /// device keeps whatever clock it has, none unless the caller attached one).
     pub fn from_device(device: Device, uuid: Uuid, socket: PathBuf) -> Self {
+        let frl_enabled = device.frame_rate_limiter();
         Instance {
             device,
             uuid,
@@ -176,14 +193,42 @@ impl Instance {
             client_since: None,
             stats: Arc::default(),
             vram_view: None,
-            frl_enabled: true,
+            frl_enabled,
+            frl_waker: None,
+            frl_stats: Arc::default(),
+        }
+    }
+
+    /// Sets the frame-rate-limiter knob, on the device too (at once, without a reset: it is not
+    /// guest ABI; turning it off completes whatever is held). Returns the runtime's waker, to
+    /// wake it once the lock is released (the deadline may have changed).
+    #[must_use = "wake the runtime after releasing the lock"]
+    pub fn set_frame_rate_limiter(&mut self, on: bool) -> Option<Arc<Waker>> {
+        self.frl_enabled = on;
+        self.device.set_frame_rate_limiter(on);
+        self.frl_waker.clone()
+    }
+
+    /// The limiter's deadline now, to compare after a device call with [`Instance::waker_if_sooner`].
+    pub fn frl_deadline(&self) -> Option<Duration> {
+        self.device.frl_deadline()
+    }
+
+    /// The runtime's waker when the limiter's deadline is now sooner than `before` (it appeared
+    /// or moved earlier): the runtime sleeps until the old one and must look again. Wake it
+    /// after releasing the lock.
+    pub fn waker_if_sooner(&self, before: Option<Duration>) -> Option<Arc<Waker>> {
+        if runtime::sooner(before, self.device.frl_deadline()) {
+            self.frl_waker.clone()
+        } else {
+            None
         }
     }
 
     /// What `vgpu-emu status` shows.
     pub fn status(&self) -> Status {
         let ty = self.device.vgpu_type();
-        let heads = match self.device.virtio_gpu() {
+        let mut heads: Vec<HeadStatus> = match self.device.virtio_gpu() {
             Some(t) => t
                 .gpu()
                 .heads_status()
@@ -196,6 +241,7 @@ impl Instance {
                         (None, Some(why)) => format!("not displaying: {why}"),
                         (None, None) => "not displaying".to_string(),
                     },
+                    frames: None,
                 })
                 .collect(),
             None => (0..ty.num_heads)
@@ -204,15 +250,22 @@ impl Instance {
                         head,
                         displaying: true,
                         mode: s.to_string(),
+                        frames: None,
                     },
                     Err(e) => HeadStatus {
                         head,
                         displaying: false,
                         mode: format!("not displaying: {e}"),
+                        frames: None,
                     },
                 })
                 .collect(),
         };
+        for f in self.device.frl_counters() {
+            if let Some(h) = heads.iter_mut().find(|h| h.head == f.head) {
+                h.frames = Some(f);
+            }
+        }
         Status {
             type_key: ty.key(),
             uuid: self.uuid.to_string(),
@@ -222,6 +275,7 @@ impl Instance {
             blanked: self.device.blanked(),
             frame_rate_limiter: self.frl_enabled,
             frl: ty.frl,
+            frl_runtime: self.frl_stats.get(),
             server: self.stats.get(),
             accesses: self.device.counters(),
         }
@@ -237,6 +291,9 @@ pub struct HeadStatus {
     pub displaying: bool,
     /// The mode, or why nothing is shown.
     pub mode: String,
+    /// The frame-rate limiter's counters of this head (personalities with fences).
+    #[serde(default)]
+    pub frames: Option<HeadFrames>,
 }
 
 /// `vgpu-emu status` output.
@@ -259,8 +316,153 @@ pub struct Status {
     pub frame_rate_limiter: bool,
     /// The type's frame-rate limit (fps, 0 = off).
     pub frl: u32,
+    /// The runtime thread of the limiter: wake-ups, ticks.
+    #[serde(default)]
+    pub frl_runtime: RuntimeCounters,
     /// Protocol counters.
     pub server: ServerCounters,
     /// Device access counters.
     pub accesses: AccessCounters,
+}
+
+/// Starts the runtime thread of `shared` (the frame-rate limiter's tick) and hands the instance
+/// its waker. Stop it with [`Runtime::stop`] when the instance goes.
+pub fn start_runtime(shared: &SharedInstance) -> std::io::Result<Runtime> {
+    let (uuid, stats) = {
+        let inst = lock(shared);
+        (inst.uuid, inst.frl_stats.clone())
+    };
+    let name = format!("frl-{}", &uuid.simple().to_string()[..8]);
+    let rt = Runtime::spawn(&name, shared.clone(), stats)?;
+    // (The thread reads the deadline before it first sleeps: nothing held before this point
+    // is missed.)
+    lock(shared).frl_waker = Some(rt.waker());
+    Ok(rt)
+}
+
+/// A runtime setting of an instance (not guest ABI), as `vgpu-emu set`, the mdev tree's files
+/// and mdevctl's attributes name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Knob {
+    /// `frame_rate_limiter=0|1`.
+    FrameRateLimiter(bool),
+}
+
+/// Names of every runtime setting.
+pub const KNOBS: [&str; 1] = ["frame_rate_limiter"];
+
+/// Why a setting was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KnobError {
+    /// No such setting.
+    #[error("unknown setting `{0}` (settings: frame_rate_limiter)")]
+    Unknown(String),
+    /// A value the setting does not take.
+    #[error("invalid value `{value}` for {key}: {expected}")]
+    BadValue {
+        /// The setting.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What it takes.
+        expected: &'static str,
+    },
+}
+
+impl Knob {
+    /// Parses `key` = `value` (surrounding white space ignored, as a sysfs write's newline).
+    pub fn parse(key: &str, value: &str) -> Result<Knob, KnobError> {
+        match key.trim() {
+            "frame_rate_limiter" => match value.trim() {
+                "1" => Ok(Knob::FrameRateLimiter(true)),
+                "0" => Ok(Knob::FrameRateLimiter(false)),
+                other => Err(KnobError::BadValue {
+                    key: "frame_rate_limiter".into(),
+                    value: other.to_string(),
+                    expected: "0 or 1",
+                }),
+            },
+            other => Err(KnobError::Unknown(other.to_string())),
+        }
+    }
+
+    /// Applies it to `shared` at once (and wakes the runtime, outside the lock).
+    pub fn apply(self, shared: &SharedInstance) {
+        let waker = match self {
+            Knob::FrameRateLimiter(on) => lock(shared).set_frame_rate_limiter(on),
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl std::fmt::Display for Knob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Knob::FrameRateLimiter(on) => write!(f, "frame_rate_limiter={}", u8::from(*on)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(ty: &str) -> SharedInstance {
+        let c = vgpu_model::Catalog::builtin().unwrap();
+        let ty = c.resolve(ty).unwrap();
+        let (inst, _) = Instance::new(ty, Uuid::nil(), "t.sock".into()).unwrap();
+        Arc::new(std::sync::Mutex::new(inst))
+    }
+
+    #[test]
+    fn knobs_parse_and_apply_to_the_device_too() {
+        assert_eq!(
+            Knob::parse("frame_rate_limiter", "0\n"),
+            Ok(Knob::FrameRateLimiter(false))
+        );
+        assert_eq!(
+            Knob::parse("frame_rate_limiter", " 1"),
+            Ok(Knob::FrameRateLimiter(true))
+        );
+        assert_eq!(
+            Knob::parse("frame_rate_limiter", "on")
+                .unwrap_err()
+                .to_string(),
+            "invalid value `on` for frame_rate_limiter: 0 or 1"
+        );
+        assert_eq!(
+            Knob::parse("fps", "1").unwrap_err().to_string(),
+            "unknown setting `fps` (settings: frame_rate_limiter)"
+        );
+        for key in KNOBS {
+            assert!(Knob::parse(key, "1").is_ok(), "{key}");
+        }
+        for ty in ["EMU-16M", "M60-0B"] {
+            let shared = served(ty);
+            let rt = start_runtime(&shared).unwrap();
+            Knob::FrameRateLimiter(false).apply(&shared);
+            assert!(!lock(&shared).frl_enabled);
+            assert!(!lock(&shared).status().frame_rate_limiter);
+            Knob::FrameRateLimiter(true).apply(&shared);
+            assert!(lock(&shared).frl_enabled);
+            // (The device's own knob follows; with the model's limiter stubbed it reads `on`
+            // whatever was set, so only the instance's side is asserted here.)
+            rt.stop();
+        }
+    }
+
+    #[test]
+    fn an_idle_instance_runtime_never_wakes_and_stops_with_it() {
+        let shared = served("M60-2Q");
+        let rt = start_runtime(&shared).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let s = lock(&shared).status();
+        assert_eq!(s.frl_runtime.wakeups, 0);
+        assert_eq!(s.frl_runtime.ticks, 0);
+        assert_eq!(s.heads.len(), 4);
+        rt.stop();
+        assert_eq!(Arc::strong_count(&shared), 1, "the runtime let go of it");
+    }
 }
