@@ -280,11 +280,14 @@ fn status_text(s: &vgpu_emu::instance::Status) -> String {
     rows.push((
         "frl".into(),
         format!(
-            "{frl}, frame_rate_limiter {}; {} ticks released {} completions ({} wake-ups, latest tick {} us late at most)",
+            "{frl}, frame_rate_limiter {}; {} ticks released {} completions ({} wake-ups; tick \
+             lateness p50 {} us, p99 {} us, max {} us)",
             yes_no(s.frame_rate_limiter, "on", "off"),
             rt.ticks,
             rt.released,
             rt.wakeups,
+            rt.p50_lateness_us,
+            rt.p99_lateness_us,
             rt.max_lateness_us
         ),
     ));

@@ -66,6 +66,52 @@ pub struct RuntimeCounters {
     pub released: u64,
     /// Longest delay between a tick's due time and its run, microseconds.
     pub max_lateness_us: u64,
+    /// Median tick lateness, microseconds (to the histogram's 25 us buckets: the bucket's top).
+    #[serde(default)]
+    pub p50_lateness_us: u64,
+    /// 99th-percentile tick lateness, microseconds (likewise).
+    #[serde(default)]
+    pub p99_lateness_us: u64,
+}
+
+/// Width of a lateness histogram bucket, microseconds.
+const LATENESS_BUCKET_US: u64 = 25;
+/// Lateness buckets: 0-25 us, 25-50 us, ... up to 5 ms; the last one takes everything later.
+const LATENESS_BUCKETS: usize = 201;
+
+/// Lateness histogram: counts per bucket (atomics, read without the instance lock).
+#[derive(Debug)]
+struct Lateness([AtomicU64; LATENESS_BUCKETS]);
+
+impl Default for Lateness {
+    fn default() -> Self {
+        Lateness(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl Lateness {
+    fn record(&self, us: u64) {
+        let i = ((us / LATENESS_BUCKET_US) as usize).min(LATENESS_BUCKETS - 1);
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The top of the bucket holding quantile `q` (0 when nothing was recorded).
+    fn quantile(&self, q: f64) -> u64 {
+        let counts: Vec<u64> = self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let want = ((total as f64 * q).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return (i as u64 + 1) * LATENESS_BUCKET_US;
+            }
+        }
+        LATENESS_BUCKETS as u64 * LATENESS_BUCKET_US
+    }
 }
 
 /// The live counters behind [`RuntimeCounters`] (atomics: read without the instance lock).
@@ -75,6 +121,7 @@ pub struct RuntimeStats {
     ticks: AtomicU64,
     released: AtomicU64,
     max_lateness_us: AtomicU64,
+    lateness: Lateness,
 }
 
 impl RuntimeStats {
@@ -86,6 +133,8 @@ impl RuntimeStats {
             ticks: g(&self.ticks),
             released: g(&self.released),
             max_lateness_us: g(&self.max_lateness_us),
+            p50_lateness_us: self.lateness.quantile(0.50),
+            p99_lateness_us: self.lateness.quantile(0.99),
         }
     }
 }
@@ -208,6 +257,7 @@ fn run<T: Paced>(
             stats.released.fetch_add(released as u64, Ordering::Relaxed);
             let late = (now - due).as_micros().min(u128::from(u64::MAX)) as u64;
             stats.max_lateness_us.fetch_max(late, Ordering::Relaxed);
+            stats.lateness.record(late);
             if next.is_some_and(|n| n <= due) {
                 log_limited!(
                     log,
@@ -332,6 +382,7 @@ mod tests {
         // One wake-up for the waker, one for the timer.
         assert_eq!(c.wakeups, 2, "{c:?}");
         assert!(c.max_lateness_us < 1_000_000);
+        assert!(c.p50_lateness_us <= c.p99_lateness_us);
         rt.stop();
     }
 
@@ -395,5 +446,22 @@ mod tests {
         assert!(!sooner(Some(s(1)), Some(s(2))));
         assert!(!sooner(Some(s(1)), None));
         assert!(!sooner(None, None));
+    }
+
+    #[test]
+    fn lateness_quantiles_come_from_the_histogram() {
+        let l = Lateness::default();
+        assert_eq!(l.quantile(0.5), 0);
+        for us in 0..98 {
+            l.record(us % 20);
+        }
+        l.record(260);
+        l.record(1_000_000);
+        assert_eq!(l.quantile(0.50), 25);
+        assert_eq!(l.quantile(0.99), 275);
+        assert_eq!(
+            l.quantile(1.0),
+            LATENESS_BUCKETS as u64 * LATENESS_BUCKET_US
+        );
     }
 }
