@@ -716,3 +716,70 @@ fn rings_in_guest_ram_that_is_not_mapped_mark_the_device_broken_with_a_clear_log
     );
     served.assert_alive();
 }
+
+/// What the frame-rate limiter holds: a fenced RESOURCE_FLUSH (what Linux sends for every frame
+/// of a blob scanout, and waits for) completes on the instance's tick; an unfenced one (a guest
+/// on ordinary 2D buffers) completes at once, so such a guest is not paced. With the knob off a
+/// fenced flush completes at once too, without a reset.
+#[test]
+fn fenced_flushes_wait_for_the_tick_and_unfenced_ones_do_not() {
+    let served = Served::start("M60-0B");
+    let mut d = Driver::attach(&served);
+    d.initialise(accept_all());
+    let (w, h) = (64u32, 64u32);
+    let (_, r) = d.submit(
+        &words(hdr(RESOURCE_CREATE_2D, 0, 0), &[1, B8G8R8X8, w, h]),
+        24,
+    );
+    assert_eq!(resp_type(&r), OK_NODATA);
+    let mut attach = words(hdr(ATTACH_BACKING, 0, 0), &[1, 1]);
+    attach.extend_from_slice(&PIXELS.to_le_bytes());
+    d.submit(&words(attach, &[w * h * 4, 0]), 24);
+    let (_, r) = d.submit(&words(hdr(SET_SCANOUT, 0, 0), &[0, 0, w, h, 0, 1]), 24);
+    assert_eq!(resp_type(&r), OK_NODATA);
+    let runtime = |s: &Served| s.status()["frl_runtime"].clone();
+
+    // Unfenced: every flush completes on its kick; the runtime never wakes.
+    for _ in 0..20 {
+        let (_, r) = d.submit(&words(hdr(RESOURCE_FLUSH, 0, 0), &[0, 0, w, h, 1, 0]), 24);
+        assert_eq!(resp_type(&r), OK_NODATA);
+    }
+    let rt = runtime(&served);
+    assert_eq!(
+        (rt["ticks"].as_u64(), rt["wakeups"].as_u64()),
+        (Some(0), Some(0)),
+        "{rt}"
+    );
+
+    // Fenced: each completes on a tick of the 45 fps grid, so 10 take at least 9 tick periods.
+    let start = std::time::Instant::now();
+    for fence in 1..=10u64 {
+        let (_, r) = d.submit(
+            &words(hdr(RESOURCE_FLUSH, FLAG_FENCE, fence), &[0, 0, w, h, 1, 0]),
+            24,
+        );
+        assert_eq!((resp_type(&r), le(&r[8..16])), (OK_NODATA, fence));
+    }
+    assert!(
+        start.elapsed() >= Duration::from_secs(9) / 45,
+        "10 fenced flushes in {:?}: not paced",
+        start.elapsed()
+    );
+    let rt = runtime(&served);
+    assert!(rt["ticks"].as_u64().unwrap() >= 10, "{rt}");
+    let frames = &served.status()["heads"][0]["frames"];
+    assert_eq!(frames["submitted"], 30, "{frames}");
+    assert_eq!(frames["presented"], 30, "{frames}");
+
+    // The knob off: a fenced flush completes on its kick, no tick involved.
+    let out = served.cli(&["set", "frame_rate_limiter=0"]);
+    assert!(out.status.success(), "{out:?}");
+    let ticks = runtime(&served)["ticks"].as_u64().unwrap();
+    for fence in 11..=20u64 {
+        d.submit(
+            &words(hdr(RESOURCE_FLUSH, FLAG_FENCE, fence), &[0, 0, w, h, 1, 0]),
+            24,
+        );
+    }
+    assert_eq!(runtime(&served)["ticks"].as_u64().unwrap(), ticks);
+}

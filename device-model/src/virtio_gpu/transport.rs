@@ -967,6 +967,11 @@ impl Transport {
                     self.limiter.presented_now(done.flushed_heads);
                 }
                 log_fence(&mut self.fence_log, seq, fence);
+            } else if qi == 0 && done.is_flush() {
+                // An unfenced flush (a guest on ordinary 2D buffers): a frame the guest does
+                // not wait for, presented at once; counted all the same.
+                self.limiter.submitted(done.flushed_heads);
+                self.limiter.presented_now(done.flushed_heads);
             }
             queue
                 .add_used(mem, head, len)
