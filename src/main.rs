@@ -281,14 +281,19 @@ fn status_text(s: &vgpu_emu::instance::Status) -> String {
         "frl".into(),
         format!(
             "{frl}, frame_rate_limiter {}; {} ticks released {} completions ({} wake-ups; tick \
-             lateness p50 {} us, p99 {} us, max {} us)",
+             lateness p50 {} us, p99 {} us, max {} us; tick thread {})",
             yes_no(s.frame_rate_limiter, "on", "off"),
             rt.ticks,
             rt.released,
             rt.wakeups,
             rt.p50_lateness_us,
             rt.p99_lateness_us,
-            rt.max_lateness_us
+            rt.max_lateness_us,
+            yes_no(
+                rt.realtime,
+                "real-time (SCHED_FIFO 1)",
+                "in the default policy"
+            )
         ),
     ));
     let (sv, a) = (&s.server, &s.accesses);

@@ -72,6 +72,9 @@ pub struct RuntimeCounters {
     /// 99th-percentile tick lateness, microseconds (likewise).
     #[serde(default)]
     pub p99_lateness_us: u64,
+    /// The tick thread runs at real-time priority (SCHED_FIFO 1): the process was allowed to.
+    #[serde(default)]
+    pub realtime: bool,
 }
 
 /// Width of a lateness histogram bucket, microseconds.
@@ -114,9 +117,23 @@ impl Lateness {
     }
 }
 
+/// Puts the calling thread in SCHED_FIFO at priority 1 when the process may (root,
+/// `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least 1), and says whether it did. A tick thread
+/// runs for some 20 us per tick and sleeps on an absolute timer in between; in the fair
+/// scheduler it waited up to milliseconds behind busy tasks for its turn once its timer fired
+/// (BENCHMARKS.md, "Flips and the frame-rate limiter"), while at the lowest real-time priority
+/// it runs at once. Without the permission it stays in the default policy.
+fn request_realtime() -> bool {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler reads one sched_param from our stack; pid 0 is the calling
+    // thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+}
+
 /// The live counters behind [`RuntimeCounters`] (atomics: read without the instance lock).
 #[derive(Debug, Default)]
 pub struct RuntimeStats {
+    realtime: std::sync::atomic::AtomicBool,
     wakeups: AtomicU64,
     ticks: AtomicU64,
     released: AtomicU64,
@@ -135,6 +152,7 @@ impl RuntimeStats {
             max_lateness_us: g(&self.max_lateness_us),
             p50_lateness_us: self.lateness.quantile(0.50),
             p99_lateness_us: self.lateness.quantile(0.99),
+            realtime: self.realtime.load(Ordering::Relaxed),
         }
     }
 }
@@ -186,7 +204,11 @@ impl Runtime {
             let (waker, stop) = (waker.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(name.to_string())
-                .spawn(move || run(&*target, &timer, &waker, &stop, &stats))?
+                .spawn(move || {
+                    let realtime = request_realtime();
+                    stats.realtime.store(realtime, Ordering::Relaxed);
+                    run(&*target, &timer, &waker, &stop, &stats)
+                })?
         };
         Ok(Runtime {
             stop,
@@ -361,7 +383,12 @@ mod tests {
     fn an_idle_runtime_never_wakes() {
         let (_fake, stats, rt) = start(Fake::default());
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(stats.get(), RuntimeCounters::default());
+        let c = stats.get();
+        assert_eq!(
+            (c.wakeups, c.ticks, c.released, c.max_lateness_us),
+            (0, 0, 0, 0),
+            "{c:?}"
+        );
         rt.stop();
     }
 
