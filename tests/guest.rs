@@ -795,6 +795,22 @@ fn qemu_dump(monitor: &Path, id: &str, head: u32) -> (u32, u32, Vec<u8>) {
     vgpu_emu::display::decode_png_rgb(&std::fs::read(&dump).unwrap()).unwrap()
 }
 
+/// Boots a guest with the `heads`-head vGPU `served` (card 0) and QEMU's own virtio-gpu-pci with
+/// as many outputs (card 1), plus `more` run-guest options.
+fn boot_beside_qemus_virtio_gpu(served: &Served, heads: u32, more: &[&str]) -> Guest {
+    let heads = heads.to_string();
+    let mut args = vec![
+        "--socket",
+        served.socket.to_str().unwrap(),
+        "--heads",
+        &heads,
+        "--virtio-gpu",
+        &heads,
+    ];
+    args.extend_from_slice(more);
+    Guest::boot(&args)
+}
+
 /// A stock guest drives an M60 type with its stock `virtio_gpu` driver: one connected connector
 /// per head, modes capped at the type's max resolution, the type's default resolution
 /// preferred. The guest draws a different picture on each head of our vGPU and of QEMU's own
@@ -809,16 +825,8 @@ fn m60_heads_match_qemus_own_virtio_gpu(ty_name: &str) {
     let served = Served::start(ty_name);
     let dir = tempfile::tempdir().unwrap();
     let monitor = dir.path().join("monitor.sock");
-    let mut guest = Guest::boot(&[
-        "--socket",
-        served.socket.to_str().unwrap(),
-        "--heads",
-        &heads.to_string(),
-        "--virtio-gpu",
-        &heads.to_string(),
-        "--monitor",
-        monitor.to_str().unwrap(),
-    ]);
+    let mut guest =
+        boot_beside_qemus_virtio_gpu(&served, heads, &["--monitor", monitor.to_str().unwrap()]);
     for boot in 0..2 {
         // Our device: the first card (slot 4, ahead of QEMU's).
         let ours = guest
@@ -1039,14 +1047,7 @@ fn flips_are_paced_at_the_frl(ty_name: &str) {
     let heads = ty.num_heads;
     let frl = f64::from(ty.frl);
     let served = Served::start(ty_name);
-    let mut guest = Guest::boot(&[
-        "--socket",
-        served.socket.to_str().unwrap(),
-        "--heads",
-        &heads.to_string(),
-        "--virtio-gpu",
-        &heads.to_string(),
-    ]);
+    let mut guest = boot_beside_qemus_virtio_gpu(&served, heads, &[]);
     guest.send(&format!("flip 0 1024x768 {FLIPS}"));
     assert_eq!(
         guest.expect("flipped"),

@@ -81,18 +81,25 @@ impl Rig {
 
     /// A `w` x `h` B8G8R8X8 resource `id` backed by two entries (one each side of the RAM
     /// hole), with `pixels` in guest memory and transferred.
-    fn image(&mut self, id: u32, w: u32, h: u32, pixels: &[u8]) -> Vec<MemEntry> {
+    /// Writes `pixels` where [`Rig::image`] backs a resource: the first half below the RAM
+    /// hole, the rest above it.
+    fn backing_write(&self, pixels: &[u8]) {
         let half = pixels.len() / 2;
-        let entries = vec![
-            e(0x1000, half as u32),
-            e(HIGH, (pixels.len() - half) as u32),
-        ];
         self.mem
             .write_slice(&pixels[..half], GuestAddress(0x1000))
             .unwrap();
         self.mem
             .write_slice(&pixels[half..], GuestAddress(HIGH))
             .unwrap();
+    }
+
+    fn image(&mut self, id: u32, w: u32, h: u32, pixels: &[u8]) -> Vec<MemEntry> {
+        let half = pixels.len() / 2;
+        let entries = vec![
+            e(0x1000, half as u32),
+            e(HIGH, (pixels.len() - half) as u32),
+        ];
+        self.backing_write(pixels);
         self.ok(&encode::create_2d(id, FORMAT_B8G8R8X8, w, h));
         self.ok(&encode::attach_backing(id, &entries));
         self.ok(&encode::transfer_2d(id, rect(0, 0, w, h), 0));
@@ -211,12 +218,7 @@ fn a_partial_transfer_updates_only_its_rectangle_and_a_sub_rectangle_scans_out()
     // rectangle's byte offset in the backing.
     let stride = (w * 4) as usize;
     let new = pattern(px.len(), 99);
-    rig.mem
-        .write_slice(&new[..px.len() / 2], GuestAddress(0x1000))
-        .unwrap();
-    rig.mem
-        .write_slice(&new[px.len() / 2..], GuestAddress(HIGH))
-        .unwrap();
+    rig.backing_write(&new);
     let off = 4 * stride + 8 * 4;
     rig.ok(&encode::transfer_2d(1, rect(8, 4, 16, 8), off as u64));
     for y in 4..12 {
@@ -246,12 +248,7 @@ fn a_screenshot_keeps_its_copy_while_the_guest_transfers() {
     rig.ok(&encode::set_scanout(0, 1, rect(0, 0, 32, 32)));
     let held = rig.gpu.head(0, None).unwrap();
     let new = pattern(px.len(), 200);
-    rig.mem
-        .write_slice(&new[..px.len() / 2], GuestAddress(0x1000))
-        .unwrap();
-    rig.mem
-        .write_slice(&new[px.len() / 2..], GuestAddress(HIGH))
-        .unwrap();
+    rig.backing_write(&new);
     rig.ok(&encode::transfer_2d(1, rect(0, 0, 32, 32), 0));
     assert_eq!(held.capture().data, px);
     assert_eq!(rig.gpu.head(0, None).unwrap().capture().data, new);
