@@ -6,6 +6,7 @@
 //! - [`bochs`]: the bochs personality's register BAR (EDID, VGA ports, DISPI, extensions).
 //! - [`edid`]: EDID 1.4 generation and decoding.
 //! - [`scanout`]: scanout geometry, capture and pixel conversion.
+//! - [`damage`]: what changed on a head for a viewer (flush rectangles, hashed row segments).
 //! - [`device`]: one instance: regions, guarded accesses, reset, saved state.
 //! - [`bus`]: guest memory, interrupts and time, as the model reaches them.
 //! - [`virtio_gpu`]: the virtio-gpu personality (multi-head).
@@ -21,6 +22,7 @@
 pub mod bochs;
 pub mod bus;
 pub mod catalog;
+pub mod damage;
 pub mod device;
 pub mod edid;
 pub mod fingerprint;
