@@ -616,6 +616,18 @@ impl Device {
         }
     }
 
+    /// What changed on head `head` since generation `since`, as the device knows it, and the
+    /// generation to ask from next time (each viewer keeps its own; 0: nothing seen yet).
+    /// virtio-gpu: the guest's flush rectangles ([`Gpu::damage_since`](crate::virtio_gpu::Gpu::damage_since)).
+    /// `None` on bochs, whose guest writes VRAM without telling anyone (hash the frames with a
+    /// [`DamageTracker`](crate::damage::DamageTracker)), and for a head that does not exist.
+    pub fn head_damage(&self, head: u32, since: u64) -> Option<(crate::damage::Damage, u64)> {
+        match &self.model {
+            Model::VirtioGpu(t) => t.gpu().damage_since(head, since),
+            Model::Bochs { .. } => None,
+        }
+    }
+
     /// Copies head `head`'s visible image.
     pub fn capture(&self, head: u32) -> Result<Frame, NotDisplaying> {
         let source = self.head_source(head)?;
@@ -923,5 +935,16 @@ mod tests {
         let mut bad = s.clone();
         bad.format = 99;
         assert!(matches!(fresh.restore(&bad), Err(DeviceError::State(_))));
+    }
+
+    #[test]
+    fn head_damage_is_the_gpus_and_unknown_on_bochs() {
+        use crate::damage::Damage;
+        let d = device("EMU-16M");
+        assert_eq!(d.head_damage(0, 0), None);
+        let c = Catalog::builtin().unwrap();
+        let g = Device::new(c.resolve("M60-2Q").unwrap(), &[1; 16], None).unwrap();
+        assert_eq!(g.head_damage(0, 0), Some((Damage::Full, 1)));
+        assert_eq!(g.head_damage(g.vgpu_type().num_heads, 0), None);
     }
 }

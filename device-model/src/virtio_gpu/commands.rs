@@ -18,6 +18,7 @@
 //!   device cannot map) and cover the resource; a later read that fails reads zeros.
 //! - The cursor queue answers nothing (Linux reads no response there) and carries no fences.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ use super::protocol::{
 use super::resources::{Backing, Kind, Resources};
 use crate::bus::GuestRam;
 use crate::catalog::{Resolution, VgpuType};
+use crate::damage::{self, Damage};
 use crate::scanout::{Frame, NotDisplaying, PixelFormat};
 
 /// Largest device-readable part of one request the transport gathers (header, payload and
@@ -42,6 +44,10 @@ pub const CURSOR_SIZE: u32 = 64;
 
 /// Smallest scanout rectangle side accepted.
 pub const MIN_SCANOUT: u32 = 16;
+
+/// Flush rectangles a head remembers for its viewers; a viewer further behind gets
+/// [`Damage::Full`].
+pub const FLUSH_LOG: usize = 64;
 
 /// What one request produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -265,6 +271,60 @@ pub struct Gpu {
     last_fence: Option<u64>,
     /// Heads the RESOURCE_FLUSH being executed touched (bit n = head n).
     flushed: u32,
+    /// What changed on each head, for viewers (kept across device resets, like the counters).
+    damage: Vec<FlushLog>,
+}
+
+/// One head's damage since each generation: the guest's flush rectangles, in head coordinates,
+/// tagged with the generation that recorded them. Host-side bookkeeping only: the guest never
+/// sees it.
+#[derive(Clone, Debug)]
+struct FlushLog {
+    /// The latest generation (starts at 1: a viewer at 0 has seen nothing).
+    generation: u64,
+    /// The generation of the last change that damaged everything (scanout set, reset).
+    full: u64,
+    /// The newest generation dropped from `rects` (a viewer before it gets everything).
+    dropped: u64,
+    /// At most [`FLUSH_LOG`] rectangles, oldest first.
+    rects: VecDeque<(u64, damage::Rect)>,
+}
+
+impl FlushLog {
+    fn new() -> FlushLog {
+        FlushLog {
+            generation: 1,
+            full: 1,
+            dropped: 0,
+            rects: VecDeque::new(),
+        }
+    }
+
+    fn full(&mut self) {
+        self.generation += 1;
+        self.full = self.generation;
+        self.rects.clear();
+    }
+
+    fn record(&mut self, r: damage::Rect) {
+        if r.is_empty() {
+            return;
+        }
+        self.generation += 1;
+        // A guest flushing the same (or a growing) rectangle every frame keeps one entry.
+        if let Some(last) = self.rects.back_mut() {
+            if r.contains(&last.1) {
+                *last = (self.generation, r);
+                return;
+            }
+        }
+        self.rects.push_back((self.generation, r));
+        if self.rects.len() > FLUSH_LOG {
+            if let Some((g, _)) = self.rects.pop_front() {
+                self.dropped = g;
+            }
+        }
+    }
 }
 
 impl Gpu {
@@ -284,6 +344,7 @@ impl Gpu {
             events: 0,
             last_fence: None,
             flushed: 0,
+            damage: vec![FlushLog::new(); heads as usize],
         }
     }
 
@@ -358,6 +419,7 @@ impl Gpu {
         self.cursors.iter_mut().for_each(|c| *c = Cursor::default());
         self.events = 0;
         self.last_fence = None;
+        self.damage.iter_mut().for_each(FlushLog::full);
     }
 
     /// Head `head`'s EDID.
@@ -415,6 +477,39 @@ impl Gpu {
     /// Head `head`'s cursor.
     pub fn cursor_state(&self, head: u32) -> Option<&Cursor> {
         self.cursors.get(head as usize)
+    }
+
+    /// What changed on head `head` since generation `since` (0: nothing seen yet), and the
+    /// generation to pass next time; each viewer keeps its own. The guest's RESOURCE_FLUSH
+    /// rectangles of the resource the head shows, clamped to the head's visible rectangle and
+    /// in its coordinates; [`Damage::Full`] after a SET_SCANOUT(_BLOB) that changed the head, a
+    /// reset, a disabled head, or when the viewer is further behind than [`FLUSH_LOG`]
+    /// rectangles. `None`: no such head. Pure bookkeeping: nothing the guest sees.
+    pub fn damage_since(&self, head: u32, since: u64) -> Option<(Damage, u64)> {
+        let log = self.damage.get(head as usize)?;
+        let size = match self.scanouts.get(head as usize)? {
+            Some(s) => {
+                let r = s.rect();
+                Some((r.width, r.height))
+            }
+            None => None,
+        };
+        let d = match size {
+            Some((w, h))
+                if since >= log.full && since >= log.dropped && since <= log.generation =>
+            {
+                Damage::from_rects(
+                    log.rects
+                        .iter()
+                        .filter(|(g, _)| *g > since)
+                        .map(|(_, r)| *r),
+                    w,
+                    h,
+                )
+            }
+            _ => Damage::Full,
+        };
+        Some((d, log.generation))
     }
 
     /// Each head's scanout and counters.
@@ -518,9 +613,10 @@ impl Gpu {
             }
             Command::ResourceUnref { resource_id } => {
                 self.resources.unref(resource_id)?;
-                for s in &mut self.scanouts {
+                for (s, log) in self.scanouts.iter_mut().zip(self.damage.iter_mut()) {
                     if s.as_ref().is_some_and(|s| s.resource_id() == resource_id) {
                         *s = None;
+                        log.full();
                     }
                 }
                 Ok(Response::OkNoData)
@@ -671,6 +767,16 @@ impl Gpu {
 
     fn set_head(&mut self, head: usize, scanout: Option<Scanout>) -> Result<Response, ErrorCode> {
         if let Some(slot) = self.scanouts.get_mut(head) {
+            let same = match (&*slot, &scanout) {
+                (Some(a), Some(b)) => a.same_image(b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                if let Some(log) = self.damage.get_mut(head) {
+                    log.full();
+                }
+            }
             *slot = scanout;
         }
         if let Some(c) = self.counters.get_mut(head) {
@@ -744,14 +850,24 @@ impl Gpu {
                 return Err(ErrorCode::InvalidParameter);
             }
         }
-        for (i, (s, c)) in self
+        for (i, ((s, c), log)) in self
             .scanouts
             .iter()
             .zip(self.counters.iter_mut())
+            .zip(self.damage.iter_mut())
             .enumerate()
         {
-            if s.as_ref().is_some_and(|s| s.resource_id() == id) {
+            if let Some(s) = s.as_ref().filter(|s| s.resource_id() == id) {
                 c.flushes += 1;
+                // The flushed part of what the head shows, in the head's coordinates.
+                let shown = s.rect();
+                let part = to_damage_rect(&r).intersect(&to_damage_rect(&shown));
+                log.record(damage::Rect::new(
+                    part.x - shown.x,
+                    part.y - shown.y,
+                    part.width,
+                    part.height,
+                ));
                 // At most MAX_SCANOUTS (16) heads.
                 self.flushed |= 1u32.checked_shl(i as u32).unwrap_or(0);
             }
@@ -814,6 +930,49 @@ impl Scanout {
             Scanout::Image { resource_id, .. } | Scanout::Blob { resource_id, .. } => *resource_id,
         }
     }
+
+    /// The visible rectangle inside the resource.
+    fn rect(&self) -> Rect {
+        match self {
+            Scanout::Image { r, .. } | Scanout::Blob { r, .. } => *r,
+        }
+    }
+
+    /// Whether `other` shows the same pixels the same way (a repeated SET_SCANOUT).
+    fn same_image(&self, other: &Scanout) -> bool {
+        match (self, other) {
+            (
+                Scanout::Image { resource_id, r },
+                Scanout::Image {
+                    resource_id: id2,
+                    r: r2,
+                },
+            ) => resource_id == id2 && r == r2,
+            (
+                Scanout::Blob {
+                    resource_id,
+                    r,
+                    format,
+                    stride,
+                    offset,
+                    ..
+                },
+                Scanout::Blob {
+                    resource_id: id2,
+                    r: r2,
+                    format: f2,
+                    stride: s2,
+                    offset: o2,
+                    ..
+                },
+            ) => resource_id == id2 && r == r2 && format == f2 && stride == s2 && offset == o2,
+            _ => false,
+        }
+    }
+}
+
+fn to_damage_rect(r: &Rect) -> damage::Rect {
+    damage::Rect::new(r.x, r.y, r.width, r.height)
 }
 
 /// Head `head`'s EDID: the instance's, with the serial number offset by the head so a desktop

@@ -829,3 +829,110 @@ fn guest_memory_that_vanished_reads_black() {
     assert!(f.data[..0x1000].iter().all(|&b| b == 0));
     assert!(f.data[0x1000..].iter().all(|&b| b == 0));
 }
+
+fn dr(x: u32, y: u32, width: u32, height: u32) -> damage::Rect {
+    damage::Rect::new(x, y, width, height)
+}
+
+#[test]
+fn flush_rectangles_accumulate_clamped_to_the_head() {
+    let mut rig = Rig::new(&m60());
+    let (w, h) = (128, 64);
+    rig.image(3, w, h, &pattern((w * h * 4) as usize, 7));
+    // Nothing seen yet, and no scanout: everything.
+    assert_eq!(rig.gpu.damage_since(1, 0), Some((Damage::Full, 1)));
+    assert_eq!(rig.gpu.damage_since(4, 0), None);
+    // The head shows the 64x32 rectangle at (32, 16) of the resource.
+    rig.ok(&encode::set_scanout(1, 3, rect(32, 16, 64, 32)));
+    let (d, g) = rig.gpu.damage_since(1, 1).unwrap();
+    assert_eq!(d, Damage::Full);
+    assert_eq!(rig.gpu.damage_since(1, g), Some((Damage::none(), g)));
+    // Flushes in resource coordinates, clamped and moved into the head's.
+    rig.ok(&encode::flush(3, rect(0, 0, 40, 20), None));
+    rig.ok(&encode::flush(3, rect(90, 40, 30, 20), None));
+    rig.ok(&encode::flush(3, rect(0, 0, 10, 10), None)); // outside the head: nothing
+    let (d, g2) = rig.gpu.damage_since(1, g).unwrap();
+    assert_eq!(d, Damage::Rects(vec![dr(0, 0, 8, 4), dr(58, 24, 6, 8)]));
+    assert_eq!(g2, g + 2);
+    // Overlapping flushes merge; a flush covering the head is everything.
+    rig.ok(&encode::flush(3, rect(40, 20, 10, 10), None));
+    rig.ok(&encode::flush(3, rect(45, 25, 10, 10), None));
+    assert_eq!(
+        rig.gpu.damage_since(1, g2).unwrap().0,
+        Damage::Rects(vec![dr(8, 4, 15, 15)])
+    );
+    rig.ok(&encode::flush(3, rect(0, 0, w, h), None));
+    assert_eq!(rig.gpu.damage_since(1, g2).unwrap().0, Damage::Full);
+    // Other heads saw nothing flushed.
+    let (_, g0) = rig.gpu.damage_since(0, 0).unwrap();
+    assert_eq!(g0, 1);
+}
+
+#[test]
+fn each_viewer_keeps_its_own_generation() {
+    let mut rig = Rig::new(&m60());
+    let (w, h) = (64, 64);
+    rig.image(1, w, h, &pattern((w * h * 4) as usize, 3));
+    rig.ok(&encode::set_scanout(0, 1, rect(0, 0, w, h)));
+    let (_, a) = rig.gpu.damage_since(0, 0).unwrap();
+    rig.ok(&encode::flush(1, rect(0, 0, 8, 8), None));
+    let (_, b) = rig.gpu.damage_since(0, 0).unwrap();
+    rig.ok(&encode::flush(1, rect(32, 32, 8, 8), None));
+    // Viewer A, behind by two flushes; viewer B by one; both up to date afterwards.
+    let (da, na) = rig.gpu.damage_since(0, a).unwrap();
+    let (db, nb) = rig.gpu.damage_since(0, b).unwrap();
+    assert_eq!(da, Damage::Rects(vec![dr(0, 0, 8, 8), dr(32, 32, 8, 8)]));
+    assert_eq!(db, Damage::Rects(vec![dr(32, 32, 8, 8)]));
+    assert_eq!(na, nb);
+    assert!(rig.gpu.damage_since(0, na).unwrap().0.is_empty());
+    // A generation from the future (another GPU's) is everything.
+    assert_eq!(rig.gpu.damage_since(0, na + 1).unwrap().0, Damage::Full);
+    // The same rectangle flushed every frame keeps one entry; a viewer far behind on distinct
+    // rectangles gets everything.
+    for _ in 0..1000 {
+        rig.ok(&encode::flush(1, rect(0, 0, 8, 8), None));
+    }
+    assert_eq!(
+        rig.gpu.damage_since(0, na).unwrap().0,
+        Damage::Rects(vec![dr(0, 0, 8, 8)])
+    );
+    let (_, n) = rig.gpu.damage_since(0, 0).unwrap();
+    for i in 0..=FLUSH_LOG as u32 {
+        rig.ok(&encode::flush(1, rect(i % 64, i / 64, 1, 1), None));
+    }
+    assert_eq!(rig.gpu.damage_since(0, n).unwrap().0, Damage::Full);
+    let (_, later) = rig.gpu.damage_since(0, 0).unwrap();
+    assert_eq!(
+        rig.gpu.damage_since(0, later - 1).unwrap().0,
+        Damage::Rects(vec![dr(0, 1, 1, 1)])
+    );
+}
+
+#[test]
+fn a_new_scanout_a_reset_or_an_unref_is_everything() {
+    let mut rig = Rig::new(&m60());
+    let (w, h) = (64, 64);
+    rig.image(1, w, h, &pattern((w * h * 4) as usize, 3));
+    rig.image(2, w, h, &pattern((w * h * 4) as usize, 4));
+    rig.ok(&encode::set_scanout(0, 1, rect(0, 0, w, h)));
+    let (_, g) = rig.gpu.damage_since(0, 0).unwrap();
+    // The same scanout again changes nothing; another resource or mode is everything.
+    rig.ok(&encode::set_scanout(0, 1, rect(0, 0, w, h)));
+    assert!(rig.gpu.damage_since(0, g).unwrap().0.is_empty());
+    rig.ok(&encode::set_scanout(0, 2, rect(0, 0, w, h)));
+    let (d, g) = rig.gpu.damage_since(0, g).unwrap();
+    assert_eq!(d, Damage::Full);
+    rig.ok(&encode::set_scanout(0, 2, rect(0, 0, 32, 32)));
+    let (d, g) = rig.gpu.damage_since(0, g).unwrap();
+    assert_eq!(d, Damage::Full);
+    rig.ok(&encode::unref(2));
+    let (d, g) = rig.gpu.damage_since(0, g).unwrap();
+    assert_eq!(d, Damage::Full);
+    rig.ok(&encode::set_scanout(0, 1, rect(0, 0, w, h)));
+    let (_, g) = rig.gpu.damage_since(0, g).unwrap();
+    rig.gpu.reset();
+    let (d, g2) = rig.gpu.damage_since(0, g).unwrap();
+    assert_eq!(d, Damage::Full);
+    // Generations keep growing across a reset: an old position is never mistaken for a new one.
+    assert!(g2 > g);
+}
