@@ -7,6 +7,9 @@ use flate2::{Decompress, FlushDecompress};
 
 use super::proto::ClientPixelFormat;
 
+/// A cursor as decoded: (hot x, hot y, width, height, pixels, mask).
+pub type DecodedCursor = (u16, u16, usize, usize, Vec<u32>, Vec<u8>);
+
 pub struct RefDecoder {
     pub pf: ClientPixelFormat,
     pub width: usize,
@@ -14,7 +17,7 @@ pub struct RefDecoder {
     /// Pixel values, row-major.
     pub fb: Vec<u32>,
     /// The last cursor: (hot x, hot y, w, h, pixels, mask).
-    pub cursor: Option<(u16, u16, usize, usize, Vec<u32>, Vec<u8>)>,
+    pub cursor: Option<DecodedCursor>,
     /// Screens of the last ExtendedDesktopSize: (id, x, y, w, h).
     pub screens: Vec<(u32, u16, u16, u16, u16)>,
     /// Encodings of the rectangles seen, in order.

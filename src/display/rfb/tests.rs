@@ -276,7 +276,8 @@ fn malformed_messages_are_errors() {
         assert_eq!(s.feed(&bytes), Err(err));
         assert_eq!(s.feed(&[3]), Err(ProtocolError::Closed));
     }
-    let mut tweaks: Vec<Box<dyn Fn(&mut ClientPixelFormat)>> = vec![
+    type Tweak = Box<dyn Fn(&mut ClientPixelFormat)>;
+    let mut tweaks: Vec<Tweak> = vec![
         Box::new(|p| p.true_colour = false),
         Box::new(|p| p.bits_per_pixel = 8),
         Box::new(|p| p.bits_per_pixel = 24),
