@@ -160,6 +160,8 @@ pub struct Cursor {
 #[derive(Debug)]
 pub struct Converter {
     lut: [[u32; 256]; 3],
+    /// The format the tables are for.
+    format: ClientPixelFormat,
 }
 
 impl Converter {
@@ -176,7 +178,7 @@ impl Converter {
                 *v = scaled.checked_shl(u32::from(shift)).unwrap_or(0);
             }
         }
-        Converter { lut }
+        Converter { lut, format: *dst }
     }
 
     /// The value of an 8-bit RGB colour.
@@ -360,6 +362,18 @@ pub struct Encoder {
     zrle: Compress,
     tight: [Compress; 4],
     scratch: Vec<u8>,
+    /// Conversion tables for the viewer's current format, rebuilt when it changes.
+    conv: Option<Box<Converter>>,
+}
+
+impl Encoder {
+    /// The converter for `pf`, built once per format rather than per rectangle.
+    fn converter(&mut self, pf: &ClientPixelFormat) -> Box<Converter> {
+        match self.conv.take() {
+            Some(c) if c.format == *pf => c,
+            _ => Box::new(Converter::new(pf)),
+        }
+    }
 }
 
 impl Default for Encoder {
@@ -369,6 +383,7 @@ impl Default for Encoder {
             zrle: z(),
             tight: [z(), z(), z(), z()],
             scratch: Vec::new(),
+            conv: None,
         }
     }
 }
@@ -471,7 +486,7 @@ impl<'a> UpdateWriter<'a> {
         let Some(rect) = rect.intersect(&Rect::new(0, 0, fw, fh)) else {
             return;
         };
-        let conv = Converter::new(pf);
+        let conv = enc.converter(pf);
         match encoding {
             Encoding::Raw => {
                 self.header(rect.x, rect.y, rect.w, rect.h, number::RAW);
@@ -498,6 +513,7 @@ impl<'a> UpdateWriter<'a> {
                 }
             }
         }
+        enc.conv = Some(conv);
     }
 
     /// ZRLE (RFC 6143 section 7.7.6): 64x64 tiles, each raw, solid or packed palette.
