@@ -336,6 +336,11 @@ fn pack_indices(out: &mut Vec<u8>, px: &[u32], w: usize, pal: &[u32], bits: usiz
     }
 }
 
+/// The stream in `slot`, started (zlib format, fast level) on first use.
+fn zlib(slot: &mut Option<Compress>) -> &mut Compress {
+    slot.get_or_insert_with(|| Compress::new(Compression::fast(), true))
+}
+
 /// Runs `input` through a zlib stream with a sync flush, appending everything it produces.
 fn deflate(z: &mut Compress, input: &[u8], out: &mut Vec<u8>) {
     let mut pos = 0;
@@ -357,10 +362,12 @@ fn deflate(z: &mut Compress, input: &[u8], out: &mut Vec<u8>) {
 }
 
 /// One viewer's encoder state: the zlib streams that outlive a rectangle.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Encoder {
-    zrle: Compress,
-    tight: [Compress; 4],
+    /// Created on first use: a deflate state is a few hundred KiB, and a viewer uses one
+    /// encoding, so most of these stay `None`.
+    zrle: Option<Compress>,
+    tight: [Option<Compress>; 4],
     scratch: Vec<u8>,
     /// Conversion tables for the viewer's current format, rebuilt when it changes.
     conv: Option<Box<Converter>>,
@@ -372,18 +379,6 @@ impl Encoder {
         match self.conv.take() {
             Some(c) if c.format == *pf => c,
             _ => Box::new(Converter::new(pf)),
-        }
-    }
-}
-
-impl Default for Encoder {
-    fn default() -> Self {
-        let z = || Compress::new(Compression::fast(), true);
-        Encoder {
-            zrle: z(),
-            tight: [z(), z(), z(), z()],
-            scratch: Vec::new(),
-            conv: None,
         }
     }
 }
@@ -562,7 +557,7 @@ impl<'a> UpdateWriter<'a> {
         }
         let at = self.out.len();
         self.out.extend_from_slice(&[0; 4]);
-        deflate(&mut enc.zrle, &raw, self.out);
+        deflate(zlib(&mut enc.zrle), &raw, self.out);
         let len = (self.out.len() - at - 4) as u32;
         self.out[at..at + 4].copy_from_slice(&len.to_be_bytes());
         enc.scratch = raw;
@@ -620,7 +615,7 @@ impl<'a> UpdateWriter<'a> {
             self.out.extend_from_slice(&data);
         } else {
             let mut z = Vec::new();
-            deflate(&mut enc.tight[usize::from(stream)], &data, &mut z);
+            deflate(zlib(&mut enc.tight[usize::from(stream)]), &data, &mut z);
             put_compact_len(self.out, z.len());
             self.out.extend_from_slice(&z);
         }
