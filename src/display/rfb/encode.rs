@@ -283,6 +283,109 @@ impl CPixel {
     }
 }
 
+/// The bytes ZRLE spends on a run length: (len - 1) as 255s and a remainder.
+fn run_len_bytes(len: usize) -> usize {
+    (len - 1) / 255 + 1
+}
+
+fn put_run_len(out: &mut Vec<u8>, len: usize) {
+    let mut rest = len - 1;
+    while rest >= 255 {
+        out.push(255);
+        rest -= 255;
+    }
+    out.push(rest as u8);
+}
+
+/// One ZRLE tile in the smallest of the subencodings we implement: solid (1), packed palette
+/// (2-16), plain RLE (128), palette RLE (130-255) or raw (0). Runs may cross rows.
+fn zrle_tile(out: &mut Vec<u8>, px: &[u32], tw: usize, cpix: CPixel, pf: &ClientPixelFormat) {
+    let cp = match cpix {
+        CPixel::Full => pf.bytes_per_pixel(),
+        _ => 3,
+    };
+    let th = px.len() / tw.max(1);
+    let pal = palette(px, 127);
+    if let Some(pal) = pal.as_ref().filter(|p| p.len() == 1) {
+        out.push(1);
+        cpix.put(out, pal[0], pf);
+        return;
+    }
+    let mut runs: Vec<(u32, usize)> = Vec::new();
+    for &p in px {
+        match runs.last_mut() {
+            Some((c, n)) if *c == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    let raw_size = px.len() * cp;
+    let plain_rle = runs
+        .iter()
+        .map(|&(_, n)| cp + run_len_bytes(n))
+        .sum::<usize>();
+    let (packed, pal_rle) = match &pal {
+        Some(pal) => {
+            let bits = match pal.len() {
+                2 => 1,
+                3..=4 => 2,
+                _ => 4,
+            };
+            let packed = (pal.len() <= 16).then(|| pal.len() * cp + th * (tw * bits).div_ceil(8));
+            let rle = pal.len() * cp
+                + runs
+                    .iter()
+                    .map(|&(_, n)| if n == 1 { 1 } else { 1 + run_len_bytes(n) })
+                    .sum::<usize>();
+            (packed.map(|s| (s, bits)), Some(rle))
+        }
+        None => (None, None),
+    };
+    let best = raw_size
+        .min(plain_rle)
+        .min(packed.map_or(usize::MAX, |p| p.0))
+        .min(pal_rle.unwrap_or(usize::MAX));
+    let index = |pal: &[u32], c: u32| pal.iter().position(|&x| x == c).unwrap_or(0) as u8;
+    if let (Some((size, bits)), Some(pal)) = (packed, &pal) {
+        if size == best {
+            out.push(pal.len() as u8);
+            for &c in pal {
+                cpix.put(out, c, pf);
+            }
+            pack_indices(out, px, tw, pal, bits);
+            return;
+        }
+    }
+    if let (Some(size), Some(pal)) = (pal_rle, &pal) {
+        if size == best {
+            out.push(128 + pal.len() as u8);
+            for &c in pal {
+                cpix.put(out, c, pf);
+            }
+            for &(c, n) in &runs {
+                if n == 1 {
+                    out.push(index(pal, c));
+                } else {
+                    out.push(0x80 | index(pal, c));
+                    put_run_len(out, n);
+                }
+            }
+            return;
+        }
+    }
+    if plain_rle == best {
+        out.push(128);
+        for &(c, n) in &runs {
+            cpix.put(out, c, pf);
+            put_run_len(out, n);
+        }
+        return;
+    }
+    out.push(0);
+    for &v in px {
+        cpix.put(out, v, pf);
+    }
+}
+
 /// Tight's TPIXEL: R, G, B bytes when 32 bpp, depth 24 and every channel 8 bits wide.
 fn put_tpixel(out: &mut Vec<u8>, v: u32, pf: &ClientPixelFormat) {
     if pf.bits_per_pixel == 32
@@ -529,30 +632,7 @@ impl<'a> UpdateWriter<'a> {
             for tx in (rect.x..rect.x + rect.w).step_by(64) {
                 let tw = 64.min(rect.x + rect.w - tx);
                 let px = conv.rect(frame, Rect::new(tx, ty, tw, th));
-                match palette(&px, 16) {
-                    Some(pal) if pal.len() == 1 => {
-                        raw.push(1);
-                        cpix.put(&mut raw, pal[0], pf);
-                    }
-                    Some(pal) => {
-                        raw.push(pal.len() as u8);
-                        for &c in &pal {
-                            cpix.put(&mut raw, c, pf);
-                        }
-                        let bits = match pal.len() {
-                            2 => 1,
-                            3..=4 => 2,
-                            _ => 4,
-                        };
-                        pack_indices(&mut raw, &px, usize::from(tw), &pal, bits);
-                    }
-                    None => {
-                        raw.push(0);
-                        for &v in &px {
-                            cpix.put(&mut raw, v, pf);
-                        }
-                    }
-                }
+                zrle_tile(&mut raw, &px, usize::from(tw), cpix, pf);
             }
         }
         let at = self.out.len();

@@ -20,6 +20,8 @@ pub struct RefDecoder {
     pub cursor: Option<DecodedCursor>,
     /// Screens of the last ExtendedDesktopSize: (id, x, y, w, h).
     pub screens: Vec<(u32, u16, u16, u16, u16)>,
+    /// ZRLE subencodings seen.
+    pub zrle_subencodings: std::collections::BTreeSet<u8>,
     /// Encodings of the rectangles seen, in order.
     pub seen: Vec<i32>,
     zrle: Decompress,
@@ -75,6 +77,7 @@ impl RefDecoder {
             cursor: None,
             screens: Vec::new(),
             seen: Vec::new(),
+            zrle_subencodings: Default::default(),
             zrle: Decompress::new(true),
             tight: [
                 Decompress::new(true),
@@ -214,6 +217,7 @@ impl RefDecoder {
                 let (tw, th) = (64.min(w - tx), 64.min(h - ty));
                 let mut tile = Vec::with_capacity(tw * th);
                 let sub = r.u8();
+                self.zrle_subencodings.insert(sub);
                 match sub {
                     0 => {
                         for _ in 0..tw * th {

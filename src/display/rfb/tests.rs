@@ -459,6 +459,9 @@ fn test_frame(width: u32, height: u32, format: PixelFormat, seed: u32) -> Frame 
                 } else {
                     (0, 0, 0)
                 }
+            } else if (100..120).contains(&y) {
+                // Many colours in runs of four: plain RLE.
+                ((x / 4) as u8, (y * 9) as u8, (x / 4 + y) as u8)
             } else if y < 100 {
                 let k = ((x / 5 + y / 7) % 9) as u8;
                 (k * 28, 255 - k * 20, k)
@@ -591,6 +594,16 @@ fn every_encoding_round_trips_through_an_independent_decoder() {
                 );
                 if last_rect {
                     assert_eq!(dec.seen.last(), Some(&number::LAST_RECT));
+                }
+                if enc == number::ZRLE {
+                    let subs = &dec.zrle_subencodings;
+                    assert!(subs.contains(&0) && subs.contains(&1), "{what}: {subs:?}");
+                    assert!(subs.contains(&128), "{what}: {subs:?}");
+                    assert!(
+                        subs.iter().any(|s| (2..=16).contains(s)),
+                        "{what}: {subs:?}"
+                    );
+                    assert!(subs.iter().any(|s| *s >= 130), "{what}: {subs:?}");
                 }
             }
         }
