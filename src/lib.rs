@@ -6,7 +6,7 @@
 //! - [`vfio_user`]: wire format, descriptors, the server, DMA maps, interrupts
 //! - [`instance`]: a served device and what it reports
 //! - [`manage`]: the manager, the mdev tree, the daemon, control endpoints
-//! - [`display`]: frames out of an instance (PNG today)
+//! - [`display`]: frames out of an instance (PNG; the RFB protocol and encoders, not yet served)
 //! - [`sys`]: sealed memfds and mappings, sockets
 //! - [`cli`]: the catalog commands, lock files, `serve`
 //!

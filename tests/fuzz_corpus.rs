@@ -84,3 +84,11 @@ fn gpu_commands_corpus_replays() {
     }
     assert!(displaying > 0, "the corpus reaches a displaying head");
 }
+
+#[test]
+fn rfb_corpus_replays() {
+    for (name, data) in corpus("rfb") {
+        let r = std::panic::catch_unwind(|| vgpu_emu::display::rfb::fuzz_session(&data));
+        assert!(r.is_ok(), "{name} fails");
+    }
+}

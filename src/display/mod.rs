@@ -1,4 +1,7 @@
-//! Display output: frames captured from a head, encoded as PNG.
+//! Display output: frames captured from a head, encoded as PNG, and shown to viewers over RFB
+//! ([`rfb`]).
+
+pub mod rfb;
 
 use vgpu_model::Frame;
 
