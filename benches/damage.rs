@@ -11,27 +11,13 @@
 //! 3840x2160 unchanged frame is reported too (against its own memcpy).
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vgpu_model::damage::{Damage, DamageTracker};
 use vgpu_model::{Frame, PixelFormat};
 
 mod common;
-use common::pin_to_cpu0;
-
-/// Median time per iteration of `f` over batches filling about `budget`.
-fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
-    f();
-    let mut samples = Vec::new();
-    let start = Instant::now();
-    while start.elapsed() < budget || samples.len() < 5 {
-        let t = Instant::now();
-        f();
-        samples.push(t.elapsed());
-    }
-    samples.sort();
-    samples[samples.len() / 2]
-}
+use common::{pin_to_cpu0, time};
 
 fn frame(width: u32, height: u32) -> Frame {
     Frame {

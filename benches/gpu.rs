@@ -11,7 +11,7 @@
 //! screenshot returns a new frame, so it is also set against an allocation plus that memcpy.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vgpu_model::bus::anonymous_ram;
 use vgpu_model::virtio_gpu::Gpu;
@@ -19,7 +19,7 @@ use vgpu_model::Catalog;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::pin_to_cpu0;
+use common::{pin_to_cpu0, time};
 
 const W: u32 = 1920;
 const H: u32 = 1080;
@@ -45,20 +45,6 @@ fn words(mut v: Vec<u8>, w: &[u32]) -> Vec<u8> {
 fn ok(resp: &[u8], what: &str) {
     let t = u32::from_le_bytes(resp[..4].try_into().unwrap());
     assert_eq!(t, 0x1100, "{what} answered {t:#x}");
-}
-
-/// Median time per iteration of `f` over batches filling about `budget`.
-fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
-    f();
-    let mut samples = Vec::new();
-    let start = Instant::now();
-    while start.elapsed() < budget || samples.len() < 5 {
-        let t = Instant::now();
-        f();
-        samples.push(t.elapsed());
-    }
-    samples.sort();
-    samples[samples.len() / 2]
 }
 
 fn main() {

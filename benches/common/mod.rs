@@ -18,3 +18,18 @@ pub fn pin_to_cpu0() {
         }
     }
 }
+
+/// Median time per iteration of `f` over batches filling about `budget` (at least 5).
+#[allow(dead_code)] // not every benchmark times closures
+pub fn time(budget: std::time::Duration, mut f: impl FnMut()) -> std::time::Duration {
+    f();
+    let mut samples = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < budget || samples.len() < 5 {
+        let t = std::time::Instant::now();
+        f();
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}
