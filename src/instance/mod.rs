@@ -20,6 +20,7 @@ use vgpu_model::{Device, DeviceError, Personality, VgpuType, VramRead};
 
 use crate::sys::clock::MonotonicClock;
 use crate::sys::memfd::{MemfdVram, VramView};
+use crate::vfio_user::irq::MsixSink;
 use runtime::{Runtime, RuntimeCounters, RuntimeStats, Waker};
 
 /// Protocol-level counters of the vfio-user server, as `status` reports them.
@@ -97,6 +98,9 @@ pub struct Instance {
     pub frl_waker: Option<Arc<Waker>>,
     /// The runtime thread's counters.
     pub frl_stats: Arc<RuntimeStats>,
+    /// The MSI-X vectors the device raised under the lock, written out by [`InstanceGuard`]
+    /// once it is released (set by the server).
+    pub msix: Option<Arc<MsixSink>>,
 }
 
 /// The instance as the server thread and the control thread share it.
@@ -104,8 +108,37 @@ pub type SharedInstance = Arc<Mutex<Instance>>;
 
 /// Locks `shared`, recovering from a poisoned lock (a panicked holder cannot leave the model in
 /// a state that is unsafe to read: every access is bounds-checked).
-pub fn lock(shared: &SharedInstance) -> MutexGuard<'_, Instance> {
-    shared.lock().unwrap_or_else(|p| p.into_inner())
+pub fn lock(shared: &SharedInstance) -> InstanceGuard<'_> {
+    InstanceGuard(Some(shared.lock().unwrap_or_else(|p| p.into_inner())))
+}
+
+/// The instance lock held. Dropping it releases the lock first and then writes the eventfds of
+/// the MSI-X vectors the device raised meanwhile, so whoever drove the device (a register
+/// access, a frame-rate tick, the knob) never writes a client's descriptor under the lock.
+#[derive(Debug)]
+pub struct InstanceGuard<'a>(Option<MutexGuard<'a, Instance>>);
+
+impl std::ops::Deref for InstanceGuard<'_> {
+    type Target = Instance;
+    fn deref(&self) -> &Instance {
+        self.0.as_deref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for InstanceGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Instance {
+        self.0.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for InstanceGuard<'_> {
+    fn drop(&mut self) {
+        let sink = self.0.as_ref().and_then(|g| g.msix.clone());
+        drop(self.0.take());
+        if let Some(sink) = sink {
+            sink.flush();
+        }
+    }
 }
 
 /// Copies head `head`'s image. The instance lock is held only to find where the image lies;
@@ -196,6 +229,7 @@ impl Instance {
             frl_enabled,
             frl_waker: None,
             frl_stats: Arc::default(),
+            msix: None,
         }
     }
 

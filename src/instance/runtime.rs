@@ -38,6 +38,10 @@ pub trait Paced: Send + 'static {
     fn frl_deadline(&self) -> Option<Duration>;
     /// Runs the tick: releases what is due by now; returns how many completions it released.
     fn frl_tick(&mut self) -> usize;
+    /// Where the interrupts a tick raised wait to be written once the lock is released.
+    fn interrupts(&self) -> Option<Arc<crate::vfio_user::irq::MsixSink>> {
+        None
+    }
 }
 
 impl Paced for Instance {
@@ -47,6 +51,10 @@ impl Paced for Instance {
 
     fn frl_tick(&mut self) -> usize {
         self.device.frl_tick()
+    }
+
+    fn interrupts(&self) -> Option<Arc<crate::vfio_user::irq::MsixSink>> {
+        self.msix.clone()
     }
 }
 
@@ -257,9 +265,10 @@ fn run<T: Paced>(
     let mut log = RateLimit::default();
     while !stop.load(Ordering::SeqCst) {
         let mut ticked = None;
-        let next = {
+        let (raised, next) = {
             let mut t = lock(target);
-            match t.frl_deadline() {
+            let raised = t.interrupts();
+            let next = match t.frl_deadline() {
                 Some(due) => {
                     let now = monotonic_now();
                     if due <= now {
@@ -271,8 +280,13 @@ fn run<T: Paced>(
                     }
                 }
                 None => None,
-            }
+            };
+            (raised, next)
         };
+        // The completions' interrupts, written with the lock released.
+        if let Some(sink) = raised {
+            sink.flush();
+        }
         let mut next = next;
         if let Some((due, now, released)) = ticked {
             stats.ticks.fetch_add(1, Ordering::Relaxed);

@@ -172,15 +172,47 @@ impl Interrupts {
 
 /// The device model's way to raise MSI-X vectors: the client's eventfds of the MSI-X index.
 /// QEMU emulates the MSI-X table (masking included) on its side of the eventfd.
+///
+/// The model raises vectors while the instance lock is held (it completes virtqueue work under
+/// it), so a signal is only recorded here; [`MsixSink::flush`] writes the eventfds, and the
+/// instance lock's guard calls it once the lock is released ([`crate::instance::lock`]), so no
+/// eventfd is written under the lock the guest's register path needs.
 #[derive(Debug)]
-pub struct MsixSink(pub Arc<Interrupts>);
+pub struct MsixSink {
+    irqs: Arc<Interrupts>,
+    /// Vectors raised since the last flush, one bit each.
+    pending: std::sync::atomic::AtomicU64,
+}
+
+impl MsixSink {
+    /// A sink raising the MSI-X vectors of `irqs`.
+    pub fn new(irqs: Arc<Interrupts>) -> Self {
+        MsixSink {
+            irqs,
+            pending: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Writes the eventfd of every vector raised since the last flush (no lock held).
+    pub fn flush(&self) {
+        let mut bits = self.pending.swap(0, std::sync::atomic::Ordering::AcqRel);
+        while bits != 0 {
+            let vector = bits.trailing_zeros();
+            bits &= bits - 1;
+            self.irqs.signal(
+                vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX,
+                vector as usize,
+            );
+        }
+    }
+}
 
 impl vgpu_model::bus::InterruptSink for MsixSink {
     fn signal_msix(&self, vector: u16) {
-        self.0.signal(
-            vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX,
-            usize::from(vector),
-        );
+        if vector < 64 {
+            self.pending
+                .fetch_or(1 << vector, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 }
 

@@ -236,9 +236,12 @@ impl Server {
             (inst.stats.clone(), inst.device.msix_vectors())
         };
         let irqs = Arc::new(Session::interrupts(msix));
-        lock(&instance)
-            .device
-            .attach_interrupts(Arc::new(MsixSink(irqs.clone())));
+        {
+            let sink = Arc::new(MsixSink::new(irqs.clone()));
+            let mut inst = lock(&instance);
+            inst.device.attach_interrupts(sink.clone());
+            inst.msix = Some(sink);
+        }
         Ok((
             Server {
                 poll,
