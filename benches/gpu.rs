@@ -14,6 +14,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use vgpu_model::bus::anonymous_ram;
+use vgpu_model::virtio_gpu::protocol::{encode, MemEntry, Rect};
 use vgpu_model::virtio_gpu::Gpu;
 use vgpu_model::Catalog;
 use vm_memory::{Bytes, GuestAddress};
@@ -27,20 +28,7 @@ const FRAME: usize = (W * H * 4) as usize;
 const BLOB_AT: u64 = 0x100_0000;
 const BACKING_AT: u64 = 0x200_0000;
 const B8G8R8X8: u32 = 2;
-
-fn hdr(ty: u32) -> Vec<u8> {
-    let mut h = Vec::new();
-    h.extend_from_slice(&ty.to_le_bytes());
-    h.extend_from_slice(&[0u8; 20]);
-    h
-}
-
-fn words(mut v: Vec<u8>, w: &[u32]) -> Vec<u8> {
-    for x in w {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v
-}
+const BLOB_MEM_GUEST: u32 = 1;
 
 fn ok(resp: &[u8], what: &str) {
     let t = u32::from_le_bytes(resp[..4].try_into().unwrap());
@@ -61,57 +49,31 @@ fn main() {
     let budget = Duration::from_secs(2);
 
     // A blob on head 0.
-    let mut blob = words(hdr(0x10c), &[1, 1, 0, 1]);
-    blob.extend_from_slice(&0u64.to_le_bytes());
-    blob.extend_from_slice(&(FRAME as u64).to_le_bytes());
-    blob.extend_from_slice(&BLOB_AT.to_le_bytes());
-    ok(
-        &gpu.control(&*ram, &words(blob, &[FRAME as u32, 0]))
-            .response,
-        "RESOURCE_CREATE_BLOB",
-    );
-    let set = words(
-        hdr(0x10d),
-        &[
-            0,
-            0,
-            W,
-            H,
-            0,
-            1,
-            W,
-            H,
-            B8G8R8X8,
-            0,
-            W * 4,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ],
-    );
+    let whole = Rect {
+        x: 0,
+        y: 0,
+        width: W,
+        height: H,
+    };
+    let entry = |addr| MemEntry {
+        addr,
+        length: FRAME as u32,
+    };
+    let blob = encode::create_blob(1, BLOB_MEM_GUEST, FRAME as u64, &[entry(BLOB_AT)]);
+    ok(&gpu.control(&*ram, &blob).response, "RESOURCE_CREATE_BLOB");
+    let set = encode::set_scanout_blob(0, 1, whole, (W, H, B8G8R8X8), W * 4, 0);
     ok(&gpu.control(&*ram, &set).response, "SET_SCANOUT_BLOB");
-    let flush = words(hdr(0x104), &[0, 0, W, H, 1, 0]);
+    let flush = encode::flush(1, whole, None);
 
     // A 2D resource with one backing entry.
+    let create = encode::create_2d(2, B8G8R8X8, W, H);
+    ok(&gpu.control(&*ram, &create).response, "RESOURCE_CREATE_2D");
+    let attach = encode::attach_backing(2, &[entry(BACKING_AT)]);
     ok(
-        &gpu.control(&*ram, &words(hdr(0x101), &[2, B8G8R8X8, W, H]))
-            .response,
-        "RESOURCE_CREATE_2D",
-    );
-    let mut attach = words(hdr(0x106), &[2, 1]);
-    attach.extend_from_slice(&BACKING_AT.to_le_bytes());
-    ok(
-        &gpu.control(&*ram, &words(attach, &[FRAME as u32, 0]))
-            .response,
+        &gpu.control(&*ram, &attach).response,
         "RESOURCE_ATTACH_BACKING",
     );
-    let mut transfer = words(hdr(0x105), &[0, 0, W, H]);
-    transfer.extend_from_slice(&0u64.to_le_bytes());
-    let transfer = words(transfer, &[2, 0]);
+    let transfer = encode::transfer_2d(2, whole, 0);
 
     let src = vec![0x5au8; FRAME];
     let mut dst = vec![0u8; FRAME];
