@@ -114,6 +114,12 @@ pub enum CliError {
     /// A bad `KEY=VALUE` runtime setting.
     #[error(transparent)]
     Setting(#[from] crate::instance::KnobError),
+    /// Bad viewer options (`--vnc`, `--web`, the password).
+    #[error(transparent)]
+    ViewerConfig(#[from] crate::display::config::ViewerConfigError),
+    /// The viewers could not listen.
+    #[error(transparent)]
+    Viewer(#[from] crate::display::service::ViewerError),
     /// Another run-time failure.
     #[error("server failed")]
     Runtime(#[source] std::io::Error),
@@ -138,6 +144,7 @@ impl CliError {
                 bad_input: true, ..
             }
             | CliError::Config(_)
+            | CliError::ViewerConfig(_)
             | CliError::Setting(_)
             | CliError::Control(crate::manage::control::ControlError::BadInput(_))
             | CliError::Root(_) => EXIT_USAGE,
@@ -150,6 +157,7 @@ impl CliError {
             }
             | CliError::Output { .. }
             | CliError::Mount { .. }
+            | CliError::Viewer(_)
             | CliError::Runtime(_) => EXIT_FAILURE,
         }
     }

@@ -116,6 +116,8 @@ enum Command {
         /// it after asking (the VFIO request interrupt), before failing with EBUSY.
         #[arg(long, value_name = "SECONDS", default_value_t = vgpu_emu::manage::manager::RELEASE_TIMEOUT.as_secs_f64())]
         release_timeout: f64,
+        #[command(flatten)]
+        viewers: ViewerArgs,
     },
     /// List a daemon's instances.
     List {
@@ -193,6 +195,47 @@ struct ServeArgs {
     /// Start with the frame-rate limiter on (1) or off (0); `vgpu-emu set` changes it later.
     #[arg(long = "frame-rate-limiter", value_name = "0|1", default_value = "1", value_parser = parse_bit)]
     frame_rate_limiter: Option<bool>,
+    #[command(flatten)]
+    viewers: ViewerArgs,
+}
+
+/// Live viewers of the heads (`serve` and `daemon`).
+#[derive(Debug, Default, Args)]
+#[command(next_help_heading = "Viewers (VNC, noVNC in a browser)")]
+struct ViewerArgs {
+    /// Serve each head over VNC (RFB 3.8, view-only). `serve`: head N on PORT+N; `daemon`: each
+    /// head takes the lowest free port of PORT-LAST [default LAST: PORT+99]. Port 0: an
+    /// ephemeral port per head. `status` and `list` show the ports.
+    #[arg(long, value_name = "ADDR:PORT[-LAST]")]
+    vnc: Option<vgpu_emu::display::config::VncListen>,
+    /// Serve a page listing every head on ADDR:PORT, each opening in noVNC over WebSocket
+    /// (/ws/UUID/HEAD). Port 0: an ephemeral port.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = vgpu_emu::display::config::parse_web)]
+    web: Option<std::net::SocketAddr>,
+    /// Where noVNC's files are (Debian package `novnc`) [default: /usr/share/novnc].
+    #[arg(long, value_name = "DIR")]
+    novnc_dir: Option<PathBuf>,
+    /// Ask viewers for the password in FILE's first line (VNC authentication: only 8 bytes
+    /// count and it is weak; prefer an SSH tunnel to a loopback address). Required, or
+    /// --vnc-insecure, when --vnc or --web binds a non-loopback address.
+    #[arg(long, value_name = "FILE")]
+    vnc_password_file: Option<PathBuf>,
+    /// Serve a non-loopback --vnc or --web address without a password.
+    #[arg(long)]
+    vnc_insecure: bool,
+}
+
+impl TryFrom<ViewerArgs> for vgpu_emu::display::config::ViewerConfig {
+    type Error = CliError;
+    fn try_from(a: ViewerArgs) -> Result<Self, CliError> {
+        Ok(vgpu_emu::display::config::ViewerConfig::new(
+            a.vnc,
+            a.web,
+            a.novnc_dir,
+            a.vnc_password_file.as_deref(),
+            a.vnc_insecure,
+        )?)
+    }
 }
 
 /// `0` or `1`.
@@ -227,6 +270,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             socket: args.socket.unwrap_or_else(serve::default_socket),
             uuid,
             frame_rate_limiter: args.frame_rate_limiter.unwrap_or(true),
+            viewers: args.viewers.try_into()?,
         })
     }
 }
@@ -387,6 +431,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             parents,
             autostart,
             release_timeout,
+            viewers,
         } => {
             let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
             let parents = if parents.is_empty() {
@@ -414,6 +459,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 autostart,
                 release_timeout: std::time::Duration::try_from_secs_f64(release_timeout)
                     .map_err(|e| CliError::Config(format!("--release-timeout: {e}")))?,
+                viewers: viewers.try_into()?,
             };
             vgpu_emu::manage::daemon::run(catalog, &config)
         }

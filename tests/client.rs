@@ -19,43 +19,15 @@ fn cfg_read(c: &mut Client, offset: u64, len: usize) -> u64 {
     b.iter().rev().fold(0u64, |a, &x| a << 8 | u64::from(x))
 }
 
-fn dispi_write(c: &mut Client, index: u64, value: u16) {
-    c.region_write(BAR2, 0x500 + 2 * index, &value.to_le_bytes())
-        .unwrap();
-}
-
 fn dispi_read(c: &mut Client, index: u64) -> u16 {
     let mut b = [0u8; 2];
     c.region_read(BAR2, 0x500 + 2 * index, &mut b).unwrap();
     u16::from_le_bytes(b)
 }
 
-/// Linux bochs-drm's bochs_hw_setmode for w x h at 32 bpp, then setbase at `fb_offset`.
+/// Linux bochs-drm's mode set (shared with the other tiers).
 fn linux_modeset(c: &mut Client, w: u16, h: u16, vram: u64, fb_offset: u64) {
-    c.region_write(BAR2, 0x400 + 2, &[0x01]).unwrap();
-    let mut b = [0u8; 1];
-    c.region_read(BAR2, 0x400 + 0x1a, &mut b).unwrap();
-    c.region_write(BAR2, 0x400, &[0x20]).unwrap();
-    let stride = u64::from(w) * 4;
-    for (i, v) in [
-        (4, 0),
-        (3, 32),
-        (1, w),
-        (2, h),
-        (5, 0),
-        (6, w),
-        (7, (vram / stride).min(0xffff) as u16),
-        (8, 0),
-        (9, 0),
-        (4, 0x41),
-    ] {
-        dispi_write(c, i, v);
-    }
-    c.region_write(BAR2, 0x604, &0x1e1e_1e1eu32.to_le_bytes())
-        .unwrap();
-    dispi_write(c, 6, (stride / 4) as u16);
-    dispi_write(c, 8, ((fb_offset % stride) / 4) as u16);
-    dispi_write(c, 9, (fb_offset / stride) as u16);
+    bochs_linux_modeset(c, w, h, vram, fb_offset);
 }
 
 fn pattern_pixel(x: u32, y: u32) -> [u8; 3] {

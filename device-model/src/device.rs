@@ -182,6 +182,14 @@ impl HeadImage {
             HeadImage::Gpu(source) => Some(source.capture()),
         }
     }
+
+    /// The visible image's width and height, in pixels.
+    pub fn size(&self) -> (u32, u32) {
+        match self {
+            HeadImage::Vram(s) => (s.width, s.height),
+            HeadImage::Gpu(source) => source.size(),
+        }
+    }
 }
 
 /// The personality behind the config space.

@@ -8,6 +8,8 @@ use log::info;
 use uuid::Uuid;
 use vgpu_model::{Catalog, VgpuType};
 
+use crate::display::config::ViewerConfig;
+use crate::display::service::Viewers;
 use crate::error::CliError;
 use crate::instance::{start_runtime, Instance};
 use crate::manage::control::ControlServer;
@@ -25,6 +27,8 @@ pub struct ServeConfig {
     pub uuid: Uuid,
     /// The frame-rate-limiter knob to start with (`vgpu-emu set` changes it later).
     pub frame_rate_limiter: bool,
+    /// Live viewers (`--vnc`, `--web`).
+    pub viewers: ViewerConfig,
 }
 
 /// The socket used when none is given: `$XDG_RUNTIME_DIR/vgpu-emu.sock`, else
@@ -103,6 +107,13 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     let shared = Arc::new(Mutex::new(instance));
     let runtime = start_runtime(&shared).map_err(CliError::Runtime)?;
     let control = ControlServer::spawn(ctl_listener, shared.clone()).map_err(CliError::Runtime)?;
+    let viewers = if config.viewers.enabled() {
+        let v = Viewers::start(config.viewers.clone())?;
+        let endpoints = v.add(&shared, true)?;
+        Some((v, endpoints))
+    } else {
+        None
+    };
     let (mut server, stop) = Server::new(listener, shared, vram_file).map_err(CliError::Runtime)?;
 
     let mut signals = signal_hook::iterator::Signals::new([
@@ -156,6 +167,14 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
         "Status: vgpu-emu status --socket {0}    Screenshot: vgpu-emu screenshot --socket {0} -o screen.png{heads}",
         shell_quote(&config.socket.display().to_string())
     );
+    if let Some((v, endpoints)) = &viewers {
+        if let Some(url) = v.web_url() {
+            let _ = writeln!(out, "Web: {url} (every head in noVNC)");
+        }
+        for e in endpoints.iter().filter(|e| !e.vnc.is_empty()) {
+            let _ = writeln!(out, "VNC: head {} on {}", e.head, e.vnc);
+        }
+    }
     let _ = out.flush();
     info!(
         "listening on {} (control {})",
@@ -166,6 +185,9 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     let result = server.run();
     signal_handle.close();
     let _ = signal_thread.join();
+    if let Some((v, _)) = viewers {
+        v.stop();
+    }
     runtime.stop();
     control.stop();
     info!(

@@ -1,7 +1,10 @@
 //! Display output: frames captured from a head, encoded as PNG, and shown to viewers over RFB
 //! ([`rfb`]).
 
+pub mod config;
 pub mod rfb;
+pub mod service;
+pub mod web;
 
 use vgpu_model::Frame;
 

@@ -19,7 +19,8 @@ use vgpu_model::scanout::{Frame, NotDisplaying};
 use vgpu_model::{Device, DeviceError, Personality, VgpuType, VramRead};
 
 use crate::sys::clock::MonotonicClock;
-use crate::sys::memfd::{MemfdVram, VramView};
+use crate::sys::memfd::MemfdVram;
+pub use crate::sys::memfd::VramView;
 use crate::vfio_user::irq::MsixSink;
 use runtime::{Runtime, RuntimeCounters, RuntimeStats, Waker};
 
@@ -101,6 +102,8 @@ pub struct Instance {
     /// The MSI-X vectors the device raised under the lock, written out by [`InstanceGuard`]
     /// once it is released (set by the server).
     pub msix: Option<Arc<MsixSink>>,
+    /// Where each head can be viewed (empty when no viewer listens), for `status`.
+    pub viewers: Vec<crate::display::service::HeadEndpoint>,
 }
 
 /// The instance as the server thread and the control thread share it.
@@ -230,6 +233,7 @@ impl Instance {
             frl_waker: None,
             frl_stats: Arc::default(),
             msix: None,
+            viewers: Vec::new(),
         }
     }
 
@@ -276,6 +280,8 @@ impl Instance {
                         (None, None) => "not displaying".to_string(),
                     },
                     frames: None,
+                    vnc: String::new(),
+                    web: String::new(),
                 })
                 .collect(),
             None => (0..ty.num_heads)
@@ -285,16 +291,26 @@ impl Instance {
                         displaying: true,
                         mode: s.to_string(),
                         frames: None,
+                        vnc: String::new(),
+                        web: String::new(),
                     },
                     Err(e) => HeadStatus {
                         head,
                         displaying: false,
                         mode: format!("not displaying: {e}"),
                         frames: None,
+                        vnc: String::new(),
+                        web: String::new(),
                     },
                 })
                 .collect(),
         };
+        for e in &self.viewers {
+            if let Some(h) = heads.iter_mut().find(|h| h.head == e.head) {
+                h.vnc.clone_from(&e.vnc);
+                h.web.clone_from(&e.web);
+            }
+        }
         for f in self.device.frl_counters() {
             if let Some(h) = heads.iter_mut().find(|h| h.head == f.head) {
                 h.frames = Some(f);
@@ -328,6 +344,12 @@ pub struct HeadStatus {
     /// The frame-rate limiter's counters of this head (personalities with fences).
     #[serde(default)]
     pub frames: Option<HeadFrames>,
+    /// `ADDR:PORT` of the head's raw VNC listener (empty when `--vnc` is off).
+    #[serde(default)]
+    pub vnc: String,
+    /// URL of the head's noVNC page (empty when `--web` is off).
+    #[serde(default)]
+    pub web: String,
 }
 
 /// `vgpu-emu status` output.

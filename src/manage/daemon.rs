@@ -45,6 +45,8 @@ pub struct DaemonConfig {
     pub autostart: bool,
     /// How long a removal waits for a client to release an instance.
     pub release_timeout: std::time::Duration,
+    /// Live viewers of every instance's heads (off unless `--vnc` or `--web`).
+    pub viewers: crate::display::config::ViewerConfig,
 }
 
 /// The default root: `$XDG_RUNTIME_DIR/vgpu-emu`, else `/run/vgpu-emu`.
@@ -641,6 +643,11 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
     let mut manager = Manager::new(catalog, config.parents.clone(), &root.join("run"))
         .map_err(CliError::Config)?;
     manager.set_release_timeout(config.release_timeout);
+    if config.viewers.enabled() {
+        manager.set_viewers(crate::display::service::Viewers::start(
+            config.viewers.clone(),
+        )?);
+    }
     let manager: SharedManager = Arc::new(Mutex::new(manager));
     let ctl_path = control_socket(root);
     let ctl = socket::bind(&ctl_path)?;
@@ -725,6 +732,13 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
         "Use it with: MDEVCTL_ENV_ROOT={} mdevctl types",
         root.display()
     );
+    if let Some(url) = manager
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .viewers_url()
+    {
+        let _ = writeln!(out, "Web: {url} (every head of every instance in noVNC)");
+    }
     let _ = out.flush();
     {
         let m = manager.lock().unwrap_or_else(|p| p.into_inner());

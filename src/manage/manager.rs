@@ -360,6 +360,9 @@ pub struct InstanceInfo {
     pub frame_rate_limiter: bool,
     /// A client is attached.
     pub client_connected: bool,
+    /// Where each head can be viewed (empty without `--vnc`/`--web`).
+    #[serde(default)]
+    pub viewers: Vec<crate::display::service::HeadEndpoint>,
 }
 
 /// The type directories of one parent: built once, because the tree looks a type up on every
@@ -386,6 +389,8 @@ pub struct Manager {
     release_timeout: Duration,
     /// Told the UUID of every removed instance (the daemon drops the tree's entries of it).
     removed: Option<std::sync::mpsc::Sender<Uuid>>,
+    /// Live viewers of every instance's heads, when the daemon serves them.
+    viewers: Option<crate::display::service::Viewers>,
 }
 
 /// How long a removal waits, by default, for the client to release the instance after the
@@ -475,6 +480,7 @@ impl Manager {
             instances: BTreeMap::new(),
             release_timeout: RELEASE_TIMEOUT,
             removed: None,
+            viewers: None,
         })
     }
 
@@ -645,6 +651,12 @@ impl Manager {
                 return Err(StartError::Server(e).into());
             }
         };
+        if let Some(v) = &self.viewers {
+            // Without every port it still serves: a head without one is on the web page.
+            if let Err(e) = v.add(&shared, false) {
+                warn!("{uuid}: no viewers: {e}");
+            }
+        }
         info!(
             "created {uuid} ({}) on {parent}, socket {}",
             ty.key(),
@@ -678,6 +690,9 @@ impl Manager {
             .ok_or(ManageError::NoInstance(*uuid))?;
         let (parent, key) = (m.parent.clone(), m.ty.key());
         let attached = lock(&m.shared).client_since.is_some();
+        if let Some(v) = &self.viewers {
+            v.remove(*uuid);
+        }
         m.shutdown();
         if let Some(to) = &self.removed {
             let _ = to.send(*uuid);
@@ -688,6 +703,16 @@ impl Manager {
             info!("removed {uuid} ({key}) from {parent}");
         }
         Ok(())
+    }
+
+    /// Serves the heads of every instance created from now on to viewers.
+    pub fn set_viewers(&mut self, viewers: crate::display::service::Viewers) {
+        self.viewers = Some(viewers);
+    }
+
+    /// The web page of the viewers, when `--web` is on.
+    pub fn viewers_url(&self) -> Option<String> {
+        self.viewers.as_ref().and_then(|v| v.web_url())
     }
 
     /// Sends the UUID of every instance removed from now on to `to`.
@@ -843,6 +868,7 @@ impl Manager {
                     socket: self.socket_path(u).display().to_string(),
                     frame_rate_limiter: inst.frl_enabled,
                     client_connected: inst.client_since.is_some(),
+                    viewers: inst.viewers.clone(),
                 }
             })
             .collect()

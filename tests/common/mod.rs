@@ -1,6 +1,8 @@
 //! Test fixture: a spawned `vgpu-emu serve`, readiness waits, and a raw vfio-user peer.
 #![allow(dead_code)]
 
+pub mod vnc;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -83,12 +85,17 @@ pub struct Served {
 impl Served {
     /// Starts `vgpu-emu serve --type TYPE` on a fresh socket and waits until it listens.
     pub fn start(ty: &str) -> Served {
-        Served::start_with(ty, None)
+        Served::start_with(ty, None, &[])
+    }
+
+    /// Like [`Served::start_logged`], with more `serve` arguments.
+    pub fn start_args(ty: &str, args: &[&str]) -> Served {
+        Served::start_with(ty, Some("info"), args)
     }
 
     /// Like [`Served::start`], with the server's log at `info` written to [`Served::log`].
     pub fn start_logged(ty: &str) -> Served {
-        Served::start_with(ty, Some("info"))
+        Served::start_with(ty, Some("info"), &[])
     }
 
     /// The server's log (with [`Served::start_logged`]).
@@ -96,7 +103,7 @@ impl Served {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
-    fn start_with(ty: &str, log: Option<&str>) -> Served {
+    fn start_with(ty: &str, log: Option<&str>, args: &[&str]) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vgpu.sock");
         let level = match log {
@@ -110,6 +117,7 @@ impl Served {
         let child = Command::new(BIN)
             .args(["serve", "--type", ty, "--socket"])
             .arg(&socket)
+            .args(args)
             .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -193,6 +201,40 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Linux bochs-drm's mode set (bochs_hw_setmode) for `w` x `h` at 32 bpp in a VRAM of `vram`
+/// bytes, then its setbase at `fb_offset`, through the `vfio_user` crate's client.
+pub fn bochs_linux_modeset(c: &mut vfio_user::Client, w: u16, h: u16, vram: u64, fb_offset: u64) {
+    const BAR2: u32 = 2;
+    let dispi = |c: &mut vfio_user::Client, index: u64, value: u16| {
+        c.region_write(BAR2, 0x500 + 2 * index, &value.to_le_bytes())
+            .unwrap();
+    };
+    c.region_write(BAR2, 0x400 + 2, &[0x01]).unwrap();
+    let mut b = [0u8; 1];
+    c.region_read(BAR2, 0x400 + 0x1a, &mut b).unwrap();
+    c.region_write(BAR2, 0x400, &[0x20]).unwrap();
+    let stride = u64::from(w) * 4;
+    for (i, v) in [
+        (4, 0),
+        (3, 32),
+        (1, w),
+        (2, h),
+        (5, 0),
+        (6, w),
+        (7, (vram / stride).min(0xffff) as u16),
+        (8, 0),
+        (9, 0),
+        (4, 0x41),
+    ] {
+        dispi(c, i, v);
+    }
+    c.region_write(BAR2, 0x604, &0x1e1e_1e1eu32.to_le_bytes())
+        .unwrap();
+    dispi(c, 6, (stride / 4) as u16);
+    dispi(c, 8, ((fb_offset % stride) / 4) as u16);
+    dispi(c, 9, (fb_offset / stride) as u16);
 }
 
 pub fn ctl_path(socket: &Path) -> PathBuf {

@@ -111,6 +111,15 @@ pub enum HeadSource {
 }
 
 impl HeadSource {
+    /// The visible width and height.
+    pub fn size(&self) -> (u32, u32) {
+        match self {
+            HeadSource::Host { width, height, .. } | HeadSource::Guest { width, height, .. } => {
+                (*width, *height)
+            }
+        }
+    }
+
     /// Copies the visible image. A part outside the pixels or outside guest RAM reads black.
     pub fn capture(&self) -> Frame {
         let (width, height, format) = match self {
