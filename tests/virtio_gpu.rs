@@ -783,3 +783,101 @@ fn fenced_flushes_wait_for_the_tick_and_unfenced_ones_do_not() {
     }
     assert_eq!(runtime(&served)["ticks"].as_u64().unwrap(), ticks);
 }
+
+/// Creates 2D resource `id` of `w` x `h` backed at `at`, draws `pixel(.., seed)` into it,
+/// transfers and flushes it and scans it out on `head`.
+fn show_2d(d: &mut Driver, id: u32, head: u32, at: u64, (w, h): (u32, u32), seed: u32) {
+    let ok = |r: Vec<u8>| assert_eq!(resp_type(&r), OK_NODATA);
+    ok(d.submit(
+        &words(hdr(RESOURCE_CREATE_2D, 0, 0), &[id, B8G8R8X8, w, h]),
+        24,
+    )
+    .1);
+    draw(d, at, w, h, w * 4, seed);
+    let mut attach = words(hdr(ATTACH_BACKING, 0, 0), &[id, 1]);
+    attach.extend_from_slice(&at.to_le_bytes());
+    ok(d.submit(&words(attach, &[w * h * 4, 0]), 24).1);
+    update_2d(d, id, w * 4, (0, 0, w, h));
+    ok(
+        d.submit(&words(hdr(SET_SCANOUT, 0, 0), &[0, 0, w, h, head, id]), 24)
+            .1,
+    );
+    ok(
+        d.submit(&words(hdr(RESOURCE_FLUSH, 0, 0), &[0, 0, w, h, id, 0]), 24)
+            .1,
+    );
+}
+
+/// TRANSFER_TO_HOST_2D of rectangle `(x, y, w, h)` of resource `id`, whose backing has
+/// `stride` bytes per row (the offset is the rectangle's first byte in it, as Linux computes).
+fn update_2d(d: &mut Driver, id: u32, stride: u32, (x, y, w, h): (u32, u32, u32, u32)) {
+    let mut t = words(hdr(TRANSFER_TO_HOST_2D, 0, 0), &[x, y, w, h]);
+    t.extend_from_slice(&(u64::from(y * stride) + u64::from(x * 4)).to_le_bytes());
+    let (_, r) = d.submit(&words(t, &[id, 0]), 24);
+    assert_eq!(resp_type(&r), OK_NODATA);
+}
+
+#[test]
+fn viewers_of_every_virtio_head_see_the_screenshot_after_full_and_flushed_updates_and_a_new_scanout(
+) {
+    use common::vnc::VncView;
+    let served = Served::start_args("M60-2Q", &["--vnc", "127.0.0.1:0"]);
+    let mut d = Driver::attach(&served);
+    d.initialise(accept_all());
+    let wait = Duration::from_secs(20);
+    let (w, h) = (320u32, 200u32);
+    let size = u64::from(w * h * 4);
+    show_2d(&mut d, 1, 0, PIXELS, (w, h), 1);
+    show_2d(&mut d, 2, 3, PIXELS + size, (w, h), 2);
+    let status = served.status();
+    let addr = |head: usize| status["heads"][head]["vnc"].as_str().unwrap().to_string();
+    let mut views: Vec<(usize, VncView)> = [0usize, 3]
+        .into_iter()
+        .map(|head| {
+            (
+                head,
+                VncView::connect(&addr(head), ::vnc::VncEncoding::Zrle),
+            )
+        })
+        .collect();
+    for (head, v) in &mut views {
+        v.wait_for(&served.screenshot_head(*head as u32).unwrap(), wait)
+            .unwrap_or_else(|e| panic!("head {head}, full update: {e}"));
+    }
+    // The guest redraws and flushes one band of head 0: the viewer gets that band.
+    let band = (0, 64, w, 16);
+    let mut rgb = draw(&d, PIXELS, w, h, w * 4, 1);
+    let redrawn = draw(&d, PIXELS, w, h, w * 4, 5);
+    let row = (w * 3) as usize;
+    rgb[64 * row..80 * row].copy_from_slice(&redrawn[64 * row..80 * row]);
+    update_2d(&mut d, 1, w * 4, band);
+    let (_, r) = d.submit(
+        &words(
+            hdr(RESOURCE_FLUSH, 0, 0),
+            &[band.0, band.1, band.2, band.3, 1, 0],
+        ),
+        24,
+    );
+    assert_eq!(resp_type(&r), OK_NODATA);
+    let shot = served.screenshot_head(0).unwrap();
+    assert!(shot == (w, h, rgb), "only the transferred band changed");
+    let before = views[0].1.rects;
+    views[0]
+        .1
+        .wait_for(&shot, wait)
+        .unwrap_or_else(|e| panic!("head 0, flushed band: {e}"));
+    let n = views[0].1.rects - before;
+    assert!(
+        n <= 8,
+        "one 320x16 band (five 64x64 ZRLE tiles) took {n} rectangles"
+    );
+    // A new scanout of another size on head 3: DesktopSize, then the image.
+    show_2d(&mut d, 3, 3, PIXELS + 2 * size, (240, 160), 7);
+    views[1]
+        .1
+        .wait_for(&served.screenshot_head(3).unwrap(), wait)
+        .unwrap_or_else(|e| panic!("head 3, new scanout: {e}"));
+    for (_, v) in views {
+        v.close();
+    }
+}
