@@ -312,7 +312,15 @@ fn status_text(s: &vgpu_emu::instance::Status) -> String {
                 f.submitted, f.presented, f.dropped, f.present_rate
             )
         });
-        (format!("head {}", h.head), format!("{}{frames}", h.mode))
+        let view = [("vnc", &h.vnc), ("web", &h.web)]
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| format!("; {k} {v}"))
+            .collect::<String>();
+        (
+            format!("head {}", h.head),
+            format!("{}{frames}{view}", h.mode),
+        )
     }));
     rows.push(("blanked".into(), yes_no(s.blanked, "yes", "no")));
     let frl = if s.frl == 0 {
@@ -481,6 +489,17 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                         if i.frame_rate_limiter { "on" } else { "off" },
                         i.socket
                     ));
+                    for v in &i.viewers {
+                        let mut line = format!("  head {}:", v.head);
+                        if !v.vnc.is_empty() {
+                            line.push_str(&format!(" vnc {}", v.vnc));
+                        }
+                        if !v.web.is_empty() {
+                            line.push_str(&format!(" web {}", v.web));
+                        }
+                        out.push_str(&line);
+                        out.push('\n');
+                    }
                 }
                 print(&out);
             }

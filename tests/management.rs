@@ -1149,3 +1149,89 @@ fn the_daemon_raises_its_descriptor_limit() {
     let fields: Vec<&str> = open_files.split_whitespace().collect();
     assert_eq!((fields[3], fields[4]), ("8192", "8192"), "{open_files}");
 }
+
+#[test]
+#[ignore = "needs root and FUSE; run by the README's full test command"]
+fn the_daemon_gives_every_head_a_vnc_port_from_its_range_and_takes_them_back() {
+    // A range of eight ports somewhere above the ephemeral ones' usual start; a port someone
+    // else holds is skipped, so the test does not need the range to be free.
+    let first = 42000 + (std::process::id() % 2000) as u16 * 8;
+    let range = format!("127.0.0.1:{first}-{}", first + 7);
+    let d = Daemon::start(
+        tempfile::tempdir().unwrap(),
+        &["--vnc", &range, "--web", "127.0.0.1:0"],
+    );
+    let root = d.root.display().to_string();
+    d.create("m60-0", "vgpu_emu-m60_2q-v1", U1).unwrap();
+    d.create("emu0", M64, U2).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&vgpu_emu_ok(&["list", "--root", &root, "--json"])).unwrap();
+    let ports = |uuid: &str| -> Vec<u16> {
+        let list: serde_json::Value =
+            serde_json::from_str(&vgpu_emu_ok(&["list", "--root", &root, "--json"])).unwrap();
+        let inst = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["uuid"] == uuid)
+            .unwrap_or_else(|| panic!("{uuid} not listed: {list}"))
+            .clone();
+        inst["viewers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let web = v["web"].as_str().unwrap();
+                assert!(web.contains(&format!("ws/{uuid}/")), "{web}");
+                v["vnc"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let m60 = ports(U1);
+    let emu = ports(U2);
+    assert_eq!((m60.len(), emu.len()), (4, 1), "{list}");
+    let mut all: Vec<u16> = m60.iter().chain(&emu).copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 5, "distinct ports: {all:?}");
+    assert!(
+        all.iter().all(|p| (first..first + 8).contains(p)),
+        "{all:?}"
+    );
+    // The instance's own status agrees with the daemon's list.
+    let status = d.status(U2);
+    assert_eq!(
+        status["heads"][0]["vnc"],
+        format!("127.0.0.1:{}", emu[0]),
+        "{status}"
+    );
+    // Each port serves RFB.
+    for p in &all {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", *p)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut v = [0u8; 12];
+        std::io::Read::read_exact(&mut s, &mut v).unwrap();
+        assert_eq!(&v, b"RFB 003.008\n", "port {p}");
+    }
+    // Removing the M60 frees its four ports for the next instance.
+    std::fs::write(d.sys(&format!("bus/mdev/devices/{U1}/remove")), "1").unwrap();
+    d.create("m60-0", "vgpu_emu-m60_2q-v1", U3).unwrap();
+    let mut again = ports(U3);
+    again.sort();
+    let mut freed = m60.clone();
+    freed.sort();
+    assert_eq!(again, freed, "the freed ports are handed out again");
+    let text = vgpu_emu_ok(&["list", "--root", &root]);
+    assert!(
+        text.contains(&format!("head 3: vnc 127.0.0.1:{}", again[3]))
+            || text.contains("head 3: vnc"),
+        "{text}"
+    );
+}
