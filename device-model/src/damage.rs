@@ -238,6 +238,8 @@ pub struct DamageTracker {
     mode: Option<(u32, u32, PixelFormat)>,
     /// One hash per segment, row-major.
     hashes: Vec<u64>,
+    /// A row being hashed ([`DamageTracker::update_rows`]).
+    row: Vec<u8>,
 }
 
 impl DamageTracker {
@@ -261,34 +263,55 @@ impl DamageTracker {
     /// for the first frame and after a mode change (size or format), else the changed
     /// segments merged into at most [`MAX_RECTS`] rectangles.
     pub fn update(&mut self, frame: &Frame) -> Damage {
-        let mode = (frame.width, frame.height, frame.format);
-        let bpp = frame.format.bytes_per_pixel() as usize;
-        let row = frame.width as usize * bpp;
-        let segs = Self::segments(frame.width) as usize;
-        let seg_bytes = SEGMENT as usize * bpp;
-        let rows = frame.height as usize;
-        if row == 0 || rows == 0 || frame.data.len() < row * rows {
-            // Nothing to hash (or a frame shorter than it claims): say everything.
+        let row = frame.width as usize * frame.format.bytes_per_pixel() as usize;
+        if frame.data.len() < row * frame.height as usize {
+            // A frame shorter than it claims: say everything.
             self.mode = None;
             return Damage::Full;
         }
+        self.update_rows(frame.width, frame.height, frame.format, |y, dst| {
+            dst.copy_from_slice(&frame.data[y * row..][..row]);
+        })
+    }
+
+    /// Like [`DamageTracker::update`], for an image that is not a [`Frame`]: `fill(y, row)`
+    /// writes row `y` (`width` pixels of `format`) into `row`. A viewer hashes a scanout
+    /// straight from VRAM this way, a row at a time, and copies the frame only when something
+    /// changed.
+    pub fn update_rows(
+        &mut self,
+        width: u32,
+        height: u32,
+        format: PixelFormat,
+        mut fill: impl FnMut(usize, &mut [u8]),
+    ) -> Damage {
+        let mode = (width, height, format);
+        let bpp = format.bytes_per_pixel() as usize;
+        let row = width as usize * bpp;
+        let segs = Self::segments(width) as usize;
+        let seg_bytes = SEGMENT as usize * bpp;
+        let rows = height as usize;
+        if row == 0 || rows == 0 {
+            self.mode = None;
+            return Damage::Full;
+        }
+        let mut line = std::mem::take(&mut self.row);
+        line.resize(row, 0);
         if self.mode != Some(mode) {
             self.hashes.clear();
             self.hashes.reserve(segs * rows);
-            for line in frame.data.chunks_exact(row).take(rows) {
+            for y in 0..rows {
+                fill(y, &mut line);
                 self.hashes.extend(line.chunks(seg_bytes).map(hash_segment));
             }
             self.mode = Some(mode);
+            self.row = line;
             return Damage::Full;
         }
         let mut open: Vec<Grow> = Vec::new();
         let mut done: Vec<Grow> = Vec::new();
-        for (y, (line, old)) in frame
-            .data
-            .chunks_exact(row)
-            .zip(self.hashes.chunks_exact_mut(segs))
-            .enumerate()
-        {
+        for (y, old) in self.hashes.chunks_exact_mut(segs).enumerate() {
+            fill(y, &mut line);
             let y = y as u32;
             let mut run: Option<u32> = None;
             for (s, (seg, h)) in line.chunks(seg_bytes).zip(old.iter_mut()).enumerate() {
@@ -308,8 +331,9 @@ impl DamageTracker {
                 grow(&mut open, &mut done, y, x0, segs as u32);
             }
         }
+        self.row = line;
         done.append(&mut open);
-        let (w, h) = (frame.width, frame.height);
+        let (w, h) = (width, height);
         Damage::from_rects(
             done.iter().map(|g| {
                 let x = g.x0 * SEGMENT;

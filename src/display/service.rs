@@ -66,6 +66,10 @@ const DEFAULT_SAMPLE_HZ: u32 = 60;
 /// Size shown for a head that has never displayed (black, until the guest sets a mode).
 const BLANK_SIZE: (u32, u32) = (640, 480);
 
+/// A head unchanged this long is sampled [`STILL_SLOWDOWN`] times less often.
+const STILL_AFTER: Duration = Duration::from_secs(1);
+const STILL_SLOWDOWN: u32 = 4;
+
 const WAKER: Token = Token(0);
 const WEB: Token = Token(1);
 const FIRST_TOKEN: usize = 2;
@@ -418,6 +422,20 @@ struct HeadState {
     cursor: Option<rfb::Cursor>,
     cursor_gen: u64,
     clients: Vec<Token>,
+    /// Samples in a row that found nothing changed.
+    still: u32,
+}
+
+impl HeadState {
+    /// The time between samples: the type's frame period, four of them once the head has
+    /// not changed for a second.
+    fn interval(&self) -> Duration {
+        if self.period * self.still >= STILL_AFTER {
+            self.period * STILL_SLOWDOWN
+        } else {
+            self.period
+        }
+    }
 }
 
 struct Inst {
@@ -560,7 +578,7 @@ impl Loop {
                     .iter()
                     .any(|c| self.clients.get(c).is_some_and(Client::wants_update))
                 {
-                    let due = h.last_sample.map_or(now, |s| s + h.period);
+                    let due = h.last_sample.map_or(now, |s| s + h.interval());
                     min(due.saturating_duration_since(now));
                 }
             }
@@ -620,6 +638,7 @@ impl Loop {
                             cursor: None,
                             cursor_gen: 0,
                             clients: Vec::new(),
+                            still: 0,
                         });
                     }
                     self.instances.insert(
@@ -1113,7 +1132,7 @@ impl Loop {
         let mut due: Vec<(Uuid, usize)> = Vec::new();
         for (uuid, inst) in &self.instances {
             for (i, h) in inst.heads.iter().enumerate() {
-                if h.last_sample.is_some_and(|s| now < s + h.period) {
+                if h.last_sample.is_some_and(|s| now < s + h.interval()) {
                     continue;
                 }
                 if h.clients
@@ -1193,23 +1212,52 @@ impl Loop {
                             }
                         }
                     }
-                    // bochs: hash the sample.
-                    None => match capture(&image, view.as_ref(), &shared, head) {
-                        Some(f) => {
-                            if resized {
-                                h.tracker.invalidate();
+                    // bochs: hash the scanout where it lies, a row at a time, and copy the
+                    // frame only when something changed (a static screen costs one read pass).
+                    None => match (&image, view.as_ref(), h.frame.is_some() && !resized) {
+                        (HeadImage::Vram(sc), Some(v), true) => {
+                            let row = u64::from(sc.stride);
+                            let d =
+                                h.tracker
+                                    .update_rows(sc.width, sc.height, sc.format, |y, dst| {
+                                        v.read(sc.offset + y as u64 * row, dst)
+                                    });
+                            if d.is_empty() {
+                                d
+                            } else {
+                                match capture(&image, view.as_ref(), &shared, head) {
+                                    Some(f) => {
+                                        h.frame = Some(Arc::new(f));
+                                        d
+                                    }
+                                    None => Damage::none(),
+                                }
                             }
-                            let d = h.tracker.update(&f);
-                            let d = if resized { Damage::Full } else { d };
-                            h.frame = Some(Arc::new(f));
-                            h.blank = false;
-                            d
                         }
-                        None => Damage::none(),
+                        _ => match capture(&image, view.as_ref(), &shared, head) {
+                            Some(f) => {
+                                if resized {
+                                    h.tracker.invalidate();
+                                }
+                                let d = h.tracker.update(&f);
+                                let d = if resized { Damage::Full } else { d };
+                                h.frame = Some(Arc::new(f));
+                                h.blank = false;
+                                d
+                            }
+                            None => Damage::none(),
+                        },
                     },
                 }
             }
         };
+        // A head that stopped changing is looked at less often (a quarter of the rate after a
+        // second); the first change brings the full rate back.
+        if damage.is_empty() {
+            h.still += 1;
+        } else {
+            h.still = 0;
+        }
         if let Some(cur) = cursor {
             if h.cursor.as_ref() != Some(&cur) {
                 h.cursor = Some(cur);
@@ -1279,6 +1327,7 @@ impl Loop {
                     h.tracker.invalidate();
                     h.cursor = None;
                     h.cursor_gen = 0;
+                    h.still = 0;
                 }
             }
             if why.is_empty() {

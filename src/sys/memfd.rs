@@ -129,15 +129,24 @@ impl Mapping {
 
     /// Copies `dst.len()` bytes at `offset` out (zeros where out of range).
     pub fn read(&self, offset: u64, dst: &mut [u8]) {
-        dst.fill(0);
-        if let Some(r) = clamp_range(self.size(), offset, dst.len()) {
-            let n = r.len();
-            // In bounds by construction; a failure leaves zeros.
-            let _ = self
-                .region
-                .as_volatile_slice()
-                .read_slice(&mut dst[..n], r.start);
-        }
+        let n = match clamp_range(self.size(), offset, dst.len()) {
+            Some(r) => {
+                let n = r.len();
+                // In bounds by construction; a failure reads as zeros.
+                if self
+                    .region
+                    .as_volatile_slice()
+                    .read_slice(&mut dst[..n], r.start)
+                    .is_err()
+                {
+                    0
+                } else {
+                    n
+                }
+            }
+            None => 0,
+        };
+        dst[n..].fill(0);
     }
 
     /// Copies `src` in at `offset` (the out-of-range part is dropped).
