@@ -1,6 +1,8 @@
 //! Test fixture: a spawned `vgpu-emu serve`, readiness waits, and a raw vfio-user peer.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
