@@ -174,6 +174,17 @@ fn chromium_reads_back_a_canvas_exactly() {
     page.wait_for("window.drawn", Duration::from_secs(10));
     assert_eq!(page.canvas_rgb("#c").2, expected);
 
+    // A second page lives beside the first, and closes when dropped.
+    let mut other = browser.open("about:blank");
+    assert_eq!(other.eval("location.href"), "about:blank");
+    let other_id = other.target_id().to_string();
+    assert!(browser.page_ids().contains(&other_id));
+    assert_eq!(page.eval("window.drawn"), true);
+    drop(other);
+    common::wait_until(Duration::from_secs(10), "the dropped page to close", || {
+        !browser.page_ids().contains(&other_id)
+    });
+
     // Dropping the browser ends every process it started.
     let home = browser.temp_dir().display().to_string();
     let port = browser.port();

@@ -174,6 +174,18 @@ impl Browser {
         self.dir.path().join("chromium.log")
     }
 
+    /// The ids of the browser's open pages.
+    pub fn page_ids(&self) -> Vec<String> {
+        let list = http_get_json(self.port, "/json/list")
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()));
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["type"] == "page")
+            .filter_map(|t| t["id"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Opens a new page (a target of its own) and loads `url` in it.
     pub fn open(&mut self, url: &str) -> Page {
         let created = self
@@ -183,14 +195,25 @@ impl Browser {
             .as_str()
             .unwrap_or_else(|| panic!("Target.createTarget answered {created}"))
             .to_string();
-        let list = http_get_json(self.port, "/json/list")
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()));
-        let ws = list
-            .as_array()
-            .and_then(|targets| targets.iter().find(|t| t["id"] == id.as_str()))
-            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
-            .unwrap_or_else(|| panic!("target {id} is not in /json/list: {list}"))
-            .to_string();
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let ws = loop {
+            let list = http_get_json(self.port, "/json/list")
+                .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()));
+            let found = list
+                .as_array()
+                .and_then(|targets| targets.iter().find(|t| t["id"] == id.as_str()))
+                .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+                .map(str::to_string);
+            if let Some(ws) = found {
+                break ws;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "target {id} is not in /json/list: {list}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let cdp = Cdp::connect(&ws, &self.log_path())
             .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()));
         let mut page = Page { cdp, id };
@@ -383,6 +406,17 @@ impl Page {
         base64::engine::general_purpose::STANDARD
             .decode(data)
             .unwrap_or_else(|e| panic!("screenshot: bad base64: {e}"))
+    }
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        // Close the page; no answer is awaited (the browser may be gone already).
+        let id = self.cdp.next_id;
+        let msg = json!({ "id": id, "method": "Page.close", "params": {} });
+        let _ = self.cdp.ws.send(Message::text(msg.to_string()));
+        let _ = self.cdp.ws.close(None);
+        let _ = self.cdp.ws.flush();
     }
 }
 
