@@ -61,7 +61,7 @@ fn dispi(c: &mut Client, index: u64, value: u16) {
 /// the stream after its first full update.
 fn viewer(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
-    let mut buf = vec![0u8; 64];
+    let mut buf = [0u8; 64];
     s.read_exact(&mut buf[..12]).unwrap();
     s.write_all(b"RFB 003.008\n").unwrap();
     s.read_exact(&mut buf[..2]).unwrap();

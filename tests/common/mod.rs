@@ -1,6 +1,7 @@
 //! Test fixture: a spawned `vgpu-emu serve`, readiness waits, and a raw vfio-user peer.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod vnc;
 
 use std::io::{Read, Write};
