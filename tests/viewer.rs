@@ -560,3 +560,86 @@ fn without_novnc_the_page_says_which_package_to_install() {
     assert!(body.contains("novnc"), "{body}");
     assert!(served.log().contains("install Debian's `novnc` package"));
 }
+
+#[test]
+#[ignore = "browser tier: provisions Chromium and noVNC into the cache; run by the README's full test command"]
+fn novnc_in_a_browser_shows_the_head_the_screenshot_shows() {
+    let mut browser = common::browser::Browser::launch();
+    let novnc = browser.novnc_dir();
+    let served = Served::start_args(
+        "EMU-64M",
+        &[
+            "--web",
+            "127.0.0.1:0",
+            "--novnc-dir",
+            novnc.to_str().unwrap(),
+        ],
+    );
+    let mut vmm = Vmm::attach(&served);
+    vmm.mode(640, 480);
+    vmm.draw(640, 0, 480, 4);
+    let status = served.status();
+    let uuid = status["uuid"].as_str().unwrap();
+    let url = status["heads"][0]["web"].as_str().unwrap();
+    let root = format!(
+        "http://{}/",
+        url.trim_start_matches("http://").split('/').next().unwrap()
+    );
+
+    // The page lists the head and links to its viewer.
+    let mut page = browser.open(&root);
+    page.set_viewport(1280, 1024);
+    let href = page.eval(&format!(
+        "[...document.querySelectorAll('a')].map(a => a.href).find(h => h.includes('ws/{uuid}/0')) || ''"
+    ));
+    let href = href.as_str().unwrap().to_string();
+    assert!(href.contains("vnc.html"), "no viewer link on {root}");
+    page.navigate(&href);
+    let canvas = "#noVNC_container canvas";
+    let check = |page: &mut common::browser::Page, want: &(u32, u32, Vec<u8>), what: &str| {
+        let (w, h) = (want.0, want.1);
+        page.wait_for(
+            &format!(
+                "(() => {{ const c = document.querySelector('{canvas}'); \
+                 return !!c && c.width === {w} && c.height === {h}; }})()"
+            ),
+            WAIT,
+        );
+        let end = std::time::Instant::now() + WAIT;
+        loop {
+            let got = page.canvas_rgb(canvas);
+            if got == *want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "{what}: noVNC's canvas ({}x{}) differs from the screenshot in {} pixels",
+                got.0,
+                got.1,
+                got.2
+                    .chunks_exact(3)
+                    .zip(want.2.chunks_exact(3))
+                    .filter(|(a, b)| a != b)
+                    .count()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    check(&mut page, &served.screenshot().unwrap(), "first frame");
+    // A changed line and a mode change reach the browser too.
+    vmm.draw(640, 200, 216, 5);
+    check(
+        &mut page,
+        &served.screenshot().unwrap(),
+        "incremental update",
+    );
+    vmm.mode(800, 600);
+    vmm.draw(800, 0, 600, 6);
+    check(
+        &mut page,
+        &served.screenshot().unwrap(),
+        "after a mode change",
+    );
+    let log = served.log();
+    assert!(log.contains("viewer 127.0.0.1:"), "{log}");
+}
