@@ -1107,3 +1107,79 @@ fn m60_0b_flips_at_45_fps_on_both_heads() {
 fn m60_2q_flips_at_60_fps_on_all_four_heads() {
     flips_are_paced_at_the_frl("M60-2Q");
 }
+
+/// The live view, as a person uses it: `serve --web`, the page in a browser, a head opened in
+/// noVNC. A bochs guest's console from boot, and each head of a four-head M60-2Q guest, show
+/// in headless Chromium exactly what `vgpu-emu screenshot` shows (and, on the M60, the known
+/// picture the guest drew).
+#[test]
+#[ignore = "boots Linux guests under QEMU and opens them in headless Chromium; run by the README's full test command"]
+fn a_browser_shows_the_guest_console_and_every_head_of_a_multi_head_guest() {
+    let mut browser = common::browser::Browser::launch();
+    let novnc = browser.novnc_dir();
+    let viewer_args = [
+        "--web",
+        "127.0.0.1:0",
+        "--novnc-dir",
+        novnc.to_str().unwrap(),
+    ];
+    let wait = Duration::from_secs(60);
+
+    // bochs: the console from boot, then a shell with the cursor not blinking (so the screen
+    // holds still while it is compared).
+    let served = Served::start_args("EMU-16M", &viewer_args);
+    let mut guest = Guest::boot(&[
+        "--shell",
+        "--screen",
+        "--socket",
+        served.socket.to_str().unwrap(),
+    ]);
+    let url = served.status()["heads"][0]["web"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut page = browser.open(&url);
+    page.set_viewport(1280, 1024);
+    wait_for_text(&served, "the console shown from boot");
+    guest.expect("shell");
+    guest.send("echo 0 > /sys/class/graphics/fbcon/cursor_blink; echo blink-off");
+    guest.expect_output("blink-off");
+    page.wait_novnc_shows(
+        || served.screenshot().unwrap(),
+        wait,
+        "the bochs guest's console",
+    );
+    drop(page);
+    guest.power_off_with("poweroff -f");
+
+    // virtio-gpu: four heads, each with its own picture.
+    let served = Served::start_args("M60-2Q", &viewer_args);
+    let mut guest = Guest::boot(&["--socket", served.socket.to_str().unwrap(), "--heads", "4"]);
+    guest.send("draw-heads 0 1024x768");
+    assert_eq!(guest.expect("drawn"), "VGPU: drawn card=0 heads=4");
+    let status = served.status();
+    for head in 0..4u32 {
+        let url = status["heads"][head as usize]["web"].as_str().unwrap();
+        let mut page = browser.open(url);
+        page.set_viewport(1280, 1024);
+        let picture = vgpu_guest::picture::rgb(head, 1024, 768);
+        page.wait_novnc_shows(
+            || (1024, 768, picture.clone()),
+            wait,
+            &format!("head {head} of the M60-2Q guest"),
+        );
+        assert!(
+            served.screenshot_head(head).unwrap() == (1024, 768, picture),
+            "head {head}: the screenshot shows the guest's picture too"
+        );
+        if head == 3 {
+            // The README's picture: a head of a live guest in noVNC.
+            std::fs::write(
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("novnc-head3.png"),
+                page.screenshot_png(),
+            )
+            .unwrap();
+        }
+    }
+    guest.poweroff();
+}

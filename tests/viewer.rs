@@ -595,51 +595,14 @@ fn novnc_in_a_browser_shows_the_head_the_screenshot_shows() {
     let href = href.as_str().unwrap().to_string();
     assert!(href.contains("vnc.html"), "no viewer link on {root}");
     page.navigate(&href);
-    let canvas = "#noVNC_container canvas";
-    let check = |page: &mut common::browser::Page, want: &(u32, u32, Vec<u8>), what: &str| {
-        let (w, h) = (want.0, want.1);
-        page.wait_for(
-            &format!(
-                "(() => {{ const c = document.querySelector('{canvas}'); \
-                 return !!c && c.width === {w} && c.height === {h}; }})()"
-            ),
-            WAIT,
-        );
-        let end = std::time::Instant::now() + WAIT;
-        loop {
-            let got = page.canvas_rgb(canvas);
-            if got == *want {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < end,
-                "{what}: noVNC's canvas ({}x{}) differs from the screenshot in {} pixels",
-                got.0,
-                got.1,
-                got.2
-                    .chunks_exact(3)
-                    .zip(want.2.chunks_exact(3))
-                    .filter(|(a, b)| a != b)
-                    .count()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    check(&mut page, &served.screenshot().unwrap(), "first frame");
+    let shot = || served.screenshot().unwrap();
+    page.wait_novnc_shows(shot, WAIT, "first frame");
     // A changed line and a mode change reach the browser too.
     vmm.draw(640, 200, 216, 5);
-    check(
-        &mut page,
-        &served.screenshot().unwrap(),
-        "incremental update",
-    );
+    page.wait_novnc_shows(shot, WAIT, "incremental update");
     vmm.mode(800, 600);
     vmm.draw(800, 0, 600, 6);
-    check(
-        &mut page,
-        &served.screenshot().unwrap(),
-        "after a mode change",
-    );
+    page.wait_novnc_shows(shot, WAIT, "after a mode change");
     let log = served.log();
     assert!(log.contains("viewer 127.0.0.1:"), "{log}");
 }

@@ -392,6 +392,52 @@ impl Page {
             .unwrap_or_else(|e| panic!("canvas {selector:?}: bad PNG: {e}"))
     }
 
+    /// Waits until noVNC's canvas holds exactly `want()` (width, height, RGB; asked again on
+    /// each try, for a screen that may still change); the panic says how far it was.
+    pub fn wait_novnc_shows(
+        &mut self,
+        mut want: impl FnMut() -> (u32, u32, Vec<u8>),
+        timeout: Duration,
+        what: &str,
+    ) {
+        const CANVAS: &str = "#noVNC_container canvas";
+        let end = Instant::now() + timeout;
+        loop {
+            let w = want();
+            let got = self.canvas_rgb_or_none(CANVAS);
+            if got.as_ref() == Some(&w) {
+                return;
+            }
+            if Instant::now() >= end {
+                let why = match got {
+                    None => "no canvas yet".to_string(),
+                    Some(g) if (g.0, g.1) != (w.0, w.1) => {
+                        format!("canvas {}x{}, want {}x{}", g.0, g.1, w.0, w.1)
+                    }
+                    Some(g) => format!(
+                        "{} pixels differ",
+                        g.2.chunks_exact(3)
+                            .zip(w.2.chunks_exact(3))
+                            .filter(|(a, b)| a != b)
+                            .count()
+                    ),
+                };
+                panic!(
+                    "{what}: noVNC's canvas after {timeout:?}: {why}\n{}",
+                    self.cdp.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Like [`Page::canvas_rgb`], `None` while no element matches.
+    fn canvas_rgb_or_none(&mut self, selector: &str) -> Option<(u32, u32, Vec<u8>)> {
+        let sel = serde_json::to_string(selector).unwrap();
+        let present = self.eval(&format!("!!document.querySelector({sel})"));
+        (present == Value::Bool(true)).then(|| self.canvas_rgb(selector))
+    }
+
     /// A PNG screenshot of the page's viewport.
     pub fn screenshot_png(&mut self) -> Vec<u8> {
         let r = self
