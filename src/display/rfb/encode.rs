@@ -530,8 +530,21 @@ impl<'a> UpdateWriter<'a> {
 
     /// A server-initiated ExtendedDesktopSize rectangle with one screen covering the head.
     pub fn extended_desktop_size(&mut self, w: u16, h: u16, screen_id: u32) {
-        // x = reason 0 (server change), y = status 0 (no error).
-        self.header(0, 0, w, h, number::EXTENDED_DESKTOP_SIZE);
+        // Reason 0 (a change on the server), status 0 (no error).
+        self.extended_desktop_size_reply(w, h, screen_id, 0, 0);
+    }
+
+    /// An ExtendedDesktopSize rectangle with its reason (x: 0 server, 1 this client, 2 another
+    /// client) and status (y: 0 success, 1 prohibited, ...).
+    pub fn extended_desktop_size_reply(
+        &mut self,
+        w: u16,
+        h: u16,
+        screen_id: u32,
+        reason: u16,
+        status: u16,
+    ) {
+        self.header(reason, status, w, h, number::EXTENDED_DESKTOP_SIZE);
         self.out.extend_from_slice(&[1, 0, 0, 0]);
         self.out.extend_from_slice(&screen_id.to_be_bytes());
         for v in [0, 0, w, h] {

@@ -233,6 +233,16 @@ pub enum ClientMessage {
         /// Position.
         y: u16,
     },
+    /// SetDesktopSize (the ExtendedDesktopSize extension): a viewer asks for another size. A
+    /// head's size is the guest's, so the answer is "prohibited"; the screen list is skipped.
+    SetDesktopSize {
+        /// Asked width.
+        width: u16,
+        /// Asked height.
+        height: u16,
+        /// Screens listed (skipped).
+        screens: u8,
+    },
     /// ClientCutText: only its length is reported; the text is skipped as it arrives.
     ClientCutText {
         /// Announced length in bytes (at most [`MAX_CUT_TEXT`]).
@@ -429,6 +439,7 @@ impl MessageDecoder {
                         4 => 8,
                         5 => 6,
                         6 => 8,
+                        251 => 8,
                         t => {
                             self.have = 0;
                             return Err(DecodeError::UnknownType(t));
@@ -495,7 +506,7 @@ impl MessageDecoder {
                 x: u16_at(2),
                 y: u16_at(4),
             },
-            _ => {
+            6 => {
                 let len = u32_at(4);
                 if len > MAX_CUT_TEXT {
                     return Err(DecodeError::CutTextTooLong(len));
@@ -505,6 +516,20 @@ impl MessageDecoder {
                 }
                 ClientMessage::ClientCutText { len }
             }
+            251 => {
+                let screens = b[6];
+                if screens > 0 {
+                    self.rx = Rx::Skip {
+                        left: u32::from(screens) * 16,
+                    };
+                }
+                ClientMessage::SetDesktopSize {
+                    width: u16_at(2),
+                    height: u16_at(4),
+                    screens,
+                }
+            }
+            t => return Err(DecodeError::UnknownType(t)),
         }))
     }
 }
@@ -538,6 +563,8 @@ pub struct Session {
     size: (u16, u16),
     /// An ExtendedDesktopSize is owed (first request after the viewer announced support).
     announce_screen: bool,
+    /// A SetDesktopSize is to be answered "prohibited".
+    refuse_resize: bool,
     encoder: Encoder,
 }
 
@@ -558,6 +585,7 @@ impl Session {
             pending: None,
             size,
             announce_screen: false,
+            refuse_resize: false,
             encoder: Encoder::default(),
         }
     }
@@ -799,6 +827,13 @@ impl Session {
                     },
                 });
             }
+            // The guest owns the size: refused in the next update (if the viewer announced the
+            // extension; otherwise ignored).
+            ClientMessage::SetDesktopSize { .. } => {
+                if self.encodings.extended_desktop_size {
+                    self.refuse_resize = true;
+                }
+            }
             // View-only: input belongs to the guest's own devices, and the cut text was
             // skipped as it arrived.
             ClientMessage::KeyEvent { .. }
@@ -840,7 +875,8 @@ impl Session {
         rects.dedup();
         let cursor = update.cursor.filter(|_| self.encodings.cursor);
         let announce = resize || (self.announce_screen && self.encodings.extended_desktop_size);
-        if rects.is_empty() && cursor.is_none() && !announce && req.incremental {
+        let refuse = std::mem::take(&mut self.refuse_resize) && !resize;
+        if rects.is_empty() && cursor.is_none() && !announce && !refuse && req.incremental {
             return false;
         }
         self.pending = None;
@@ -852,6 +888,10 @@ impl Session {
             } else {
                 w.desktop_size(self.size.0, self.size.1);
             }
+        }
+        if refuse {
+            // Reason 1 (this client's request), status 1 (prohibited).
+            w.extended_desktop_size_reply(self.size.0, self.size.1, self.config.screen_id, 1, 1);
         }
         if let Some(c) = cursor {
             w.cursor(c, &self.format);

@@ -226,6 +226,14 @@ fn all_messages() -> (Vec<u8>, Vec<ClientMessage>) {
     m.push(ClientMessage::ClientCutText { len: 5 });
     b.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
     m.push(ClientMessage::ClientCutText { len: 0 });
+    // SetDesktopSize 800x600 with one screen (16 bytes, skipped).
+    b.extend_from_slice(&[251, 0, 3, 0x20, 2, 0x58, 1, 0]);
+    b.extend_from_slice(&[0xab; 16]);
+    m.push(ClientMessage::SetDesktopSize {
+        width: 800,
+        height: 600,
+        screens: 1,
+    });
     b.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 100, 0, 70]);
     m.push(ClientMessage::FramebufferUpdateRequest(UpdateRequest {
         incremental: false,
@@ -690,6 +698,46 @@ fn extended_desktop_size_and_cursor() {
     assert_eq!(dec.seen[0], number::EXTENDED_DESKTOP_SIZE);
     assert_eq!(dec.screens, [(7, 0, 0, 300, 120)]);
     assert!(dec.fb == expected_pixels(&big, &pf16));
+}
+
+#[test]
+fn a_viewer_asking_for_another_size_is_told_it_is_prohibited_and_stays() {
+    let mut s = ready();
+    set_encodings(&mut s, &[number::RAW, number::EXTENDED_DESKTOP_SIZE]);
+    let frame = test_frame(100, 70, PixelFormat::Xrgb8888, 0);
+    request(&mut s, false, 100, 70);
+    assert!(s.send_update(&Update {
+        frame: &frame,
+        dirty: &[],
+        cursor: None
+    }));
+    s.take_output();
+    // noVNC's "remote resizing": SetDesktopSize 640x480, one screen.
+    let mut m = vec![251, 0, 2, 0x80, 1, 0xe0, 1, 0];
+    m.extend_from_slice(&[0; 16]);
+    s.feed(&m).expect("SetDesktopSize is not an error");
+    request(&mut s, true, 100, 70);
+    // Nothing changed, yet the refusal is owed: an update with only that rectangle.
+    assert!(s.send_update(&Update {
+        frame: &frame,
+        dirty: &[],
+        cursor: None
+    }));
+    let out = s.take_output();
+    assert_eq!(&out[..4], &[0, 0, 0, 1], "one rectangle");
+    // x = 1 (this client), y = 1 (prohibited), the unchanged size, ExtendedDesktopSize.
+    assert_eq!(&out[4..12], &[0, 1, 0, 1, 0, 100, 0, 70]);
+    assert_eq!(
+        i32::from_be_bytes(out[12..16].try_into().unwrap()),
+        number::EXTENDED_DESKTOP_SIZE
+    );
+    // Answered once.
+    request(&mut s, true, 100, 70);
+    assert!(!s.send_update(&Update {
+        frame: &frame,
+        dirty: &[],
+        cursor: None
+    }));
 }
 
 #[test]
