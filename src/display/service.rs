@@ -430,7 +430,8 @@ impl HeadState {
     /// The time between samples: the type's frame period, four of them once the head has
     /// not changed for a second.
     fn interval(&self) -> Duration {
-        if self.period * self.still >= STILL_AFTER {
+        let still_for = STILL_AFTER.as_secs_f64() / self.period.as_secs_f64().max(1e-6);
+        if f64::from(self.still) >= still_for.round() {
             self.period * STILL_SLOWDOWN
         } else {
             self.period
@@ -1549,4 +1550,105 @@ fn random_challenge() -> [u8; 16] {
         got += n as usize;
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vgpu_model::virtio_gpu::commands::Cursor as GpuCursor;
+
+    #[test]
+    fn the_guests_cursor_becomes_an_argb_cursor_or_an_empty_one_when_hidden() {
+        // 2x1 ARGB8888 (bytes B, G, R, A): an opaque red pixel and a transparent blue one.
+        let img = Frame {
+            width: 2,
+            height: 1,
+            format: PixelFormat::Argb8888,
+            data: vec![0, 0, 0xff, 0xff, 0xff, 0, 0, 0x10],
+        };
+        let c = GpuCursor {
+            resource_id: 5,
+            hot_x: 9,
+            hot_y: 0,
+            x: 100,
+            y: 100,
+            image: Some(img.clone()),
+        };
+        let r = rfb_cursor(&c);
+        assert_eq!((r.width, r.height), (2, 1));
+        assert_eq!((r.hot_x, r.hot_y), (1, 0), "hot spot kept inside the image");
+        assert_eq!(r.argb, [0xffff_0000, 0x1000_00ff]);
+        // Formats without alpha are opaque.
+        let x = GpuCursor {
+            image: Some(Frame {
+                format: PixelFormat::Xrgb8888,
+                ..img
+            }),
+            ..c.clone()
+        };
+        assert_eq!(rfb_cursor(&x).argb, [0xffff_0000, 0xff00_00ff]);
+        // Hidden: resource 0, or no image.
+        for hidden in [
+            GpuCursor {
+                resource_id: 0,
+                ..c.clone()
+            },
+            GpuCursor {
+                image: None,
+                ..c.clone()
+            },
+        ] {
+            let r = rfb_cursor(&hidden);
+            assert_eq!((r.width, r.height, r.argb.len()), (0, 0, 0));
+        }
+    }
+
+    #[test]
+    fn damage_not_sent_yet_accumulates_and_stays_bounded() {
+        let r = |x, y| damage::Rect::new(x, y, 10, 10);
+        let a = Damage::Rects(vec![r(0, 0)]);
+        let b = Damage::Rects(vec![r(100, 100)]);
+        assert_eq!(
+            merge(&a, &b, 640, 480),
+            Damage::Rects(vec![r(0, 0), r(100, 100)])
+        );
+        assert_eq!(merge(&a, &Damage::none(), 640, 480), a);
+        assert_eq!(merge(&a, &Damage::Full, 640, 480), Damage::Full);
+        // Many separate changes end as a bounded set.
+        let mut d = Damage::none();
+        for i in 0..1000u32 {
+            d = merge(
+                &d,
+                &Damage::Rects(vec![r((i * 37) % 600, (i * 53) % 440)]),
+                640,
+                480,
+            );
+        }
+        match d {
+            Damage::Rects(v) => assert!(v.len() <= damage::MAX_RECTS, "{} rectangles", v.len()),
+            Damage::Full => {}
+        }
+    }
+
+    #[test]
+    fn a_still_head_is_sampled_at_a_quarter_rate() {
+        let mut h = HeadState {
+            listener: None,
+            period: Duration::from_secs(1) / 60,
+            last_sample: None,
+            frame: None,
+            blank: false,
+            tracker: DamageTracker::new(),
+            gen: 0,
+            cursor: None,
+            cursor_gen: 0,
+            clients: Vec::new(),
+            still: 0,
+        };
+        assert_eq!(h.interval(), h.period);
+        h.still = 59;
+        assert_eq!(h.interval(), h.period);
+        h.still = 60;
+        assert_eq!(h.interval(), h.period * 4);
+    }
 }
