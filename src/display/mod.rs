@@ -1,7 +1,8 @@
 //! Display output: frames captured from a head, encoded as PNG, and shown to viewers over RFB
-//! ([`rfb`]).
+//! ([`rfb`]), also to browsers through noVNC over WebSocket ([`web`]).
 
 pub mod rfb;
+pub mod web;
 
 use vgpu_model::Frame;
 
