@@ -92,3 +92,11 @@ fn rfb_corpus_replays() {
         assert!(r.is_ok(), "{name} fails");
     }
 }
+
+#[test]
+fn http_corpus_replays() {
+    for (name, data) in corpus("http") {
+        let r = std::panic::catch_unwind(|| vgpu_emu::display::web::fuzz_request(&data));
+        assert!(r.is_ok(), "{name} fails");
+    }
+}

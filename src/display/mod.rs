@@ -1,5 +1,5 @@
-//! Display output: frames captured from a head, encoded as PNG, and shown to viewers over RFB
-//! ([`rfb`]).
+//! Display output: frames captured from a head, encoded as PNG, and shown live to viewers
+//! ([`service`]): over RFB ([`rfb`]), also to browsers through noVNC over WebSocket ([`web`]).
 
 pub mod config;
 pub mod rfb;

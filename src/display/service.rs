@@ -1028,15 +1028,7 @@ impl Loop {
                     .is_some_and(|i| (head as usize) < i.heads.len());
                 match (&req.websocket, exists) {
                     (_, false) => (web::not_found(), None),
-                    (None, true) => (
-                        web::response(
-                            400,
-                            "text/plain; charset=utf-8",
-                            b"a WebSocket upgrade is required here\n",
-                            head_only,
-                        ),
-                        None,
-                    ),
+                    (None, true) => (web::error_response(&web::HttpError::UpgradeRequired), None),
                     (Some(up), true) => {
                         if !self.has_room_for_view() {
                             return (
