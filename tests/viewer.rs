@@ -447,7 +447,7 @@ fn the_web_port_lists_the_heads_serves_novnc_and_carries_rfb_over_websocket() {
     assert_eq!(http_get(&host, "/novnc/%2e%2e/x").0, 404);
     assert_eq!(
         http_get(&host, &format!("/ws/{uuid}/0")).0,
-        400,
+        426,
         "no upgrade"
     );
     assert_eq!(
