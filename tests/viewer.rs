@@ -606,3 +606,66 @@ fn novnc_in_a_browser_shows_the_head_the_screenshot_shows() {
     let log = served.log();
     assert!(log.contains("viewer 127.0.0.1:"), "{log}");
 }
+
+#[test]
+fn malformed_web_clients_are_refused_or_closed_and_the_port_keeps_serving() {
+    let served = Served::start_args("EMU-64M", &["--web", "127.0.0.1:0"]);
+    let status = served.status();
+    let uuid = status["uuid"].as_str().unwrap().to_string();
+    let url = status["heads"][0]["web"].as_str().unwrap().to_string();
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let raw = |request: &[u8]| -> String {
+        let mut s = TcpStream::connect(&host).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(request).unwrap();
+        let mut r = Vec::new();
+        s.read_to_end(&mut r)
+            .expect("the server answers and closes");
+        String::from_utf8_lossy(&r).into_owned()
+    };
+    // Another site's page may not open a head (the browser sends its Origin).
+    let cross = format!(
+        "GET /ws/{uuid}/0 HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Origin: http://elsewhere.example\r\n\r\n"
+    );
+    assert!(raw(cross.as_bytes()).starts_with("HTTP/1.1 403"));
+    // An endless header, a bad method, garbage.
+    let mut long = format!("GET / HTTP/1.1\r\nHost: {host}\r\nX: ").into_bytes();
+    long.extend(std::iter::repeat_n(b'a', 20_000));
+    assert!(raw(&long).starts_with("HTTP/1.1 431"));
+    assert!(raw(b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 405"));
+    assert!(
+        raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n").starts_with("HTTP/1.1 400")
+    );
+    // A WebSocket viewer that sends text, or a wrong RFB version, is closed.
+    for bad in [
+        tungstenite::Message::text("hello"),
+        tungstenite::Message::binary(b"HELLO 1.0\r\n\r\n".to_vec()),
+    ] {
+        let (mut ws, _) = tungstenite::connect(format!("ws://{host}/ws/{uuid}/0")).unwrap();
+        let _ = ws.read().unwrap(); // the server's version
+        ws.send(bad).unwrap();
+        let closed = (0..10).any(|_| {
+            matches!(
+                ws.read(),
+                Ok(tungstenite::Message::Close(_))
+                    | Err(tungstenite::Error::ConnectionClosed)
+                    | Err(tungstenite::Error::AlreadyClosed)
+                    | Err(tungstenite::Error::Protocol(_))
+                    | Err(tungstenite::Error::Io(_))
+            )
+        });
+        assert!(closed, "the server closed the WebSocket");
+    }
+    // Still serving.
+    assert_eq!(http_get(&host, "/").0, 200);
+    let (code, json) = http_get(&host, "/heads.json");
+    assert_eq!(code, 200);
+    assert!(json.contains(&uuid), "{json}");
+}

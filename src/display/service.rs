@@ -60,6 +60,9 @@ const READ_BUDGET: usize = 256 * 1024;
 /// clipboard text closes the connection.
 const MAX_WS_MESSAGE: usize = 256 * 1024;
 
+/// Bytes read and dropped after an HTTP response before the connection is closed anyway.
+const MAX_DRAIN: usize = 1 << 20;
+
 /// Sampling rate of a head whose type has no frame-rate limit.
 const DEFAULT_SAMPLE_HZ: u32 = 60;
 
@@ -464,6 +467,9 @@ enum Conn {
         out: Vec<u8>,
         sent: usize,
         upgrade: Option<(Uuid, u32)>,
+        /// Bytes read and dropped after the response (a lingering close: closing with unread
+        /// input would reset the connection before the peer read the response).
+        drained: Option<usize>,
     },
     /// Raw RFB over TCP.
     Tcp(TcpStream),
@@ -718,6 +724,7 @@ impl Loop {
                         out: Vec::new(),
                         sent: 0,
                         upgrade: None,
+                        drained: None,
                     }
                 } else {
                     Conn::Tcp(stream)
@@ -965,6 +972,7 @@ impl Loop {
                     out,
                     sent,
                     upgrade,
+                    drained,
                 },
             ..
         }) = self.clients.get_mut(&t)
@@ -980,11 +988,28 @@ impl Loop {
                 Err(e) => return Err(format!("write failed: {e}")),
             }
         }
-        match upgrade.take() {
-            Some((uuid, head)) => Ok(Some((uuid, head, std::mem::take(buf)))),
-            None => {
-                let _ = stream.flush();
-                Err(String::new())
+        if let Some((uuid, head)) = upgrade.take() {
+            return Ok(Some((uuid, head, std::mem::take(buf))));
+        }
+        // The response is out: say so, then read and drop what the peer still sends until it
+        // closes (bounded, and by the handshake timeout).
+        let n = drained.get_or_insert_with(|| {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            0
+        });
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) => return Err(String::new()),
+                Ok(k) => {
+                    *n += k;
+                    if *n > MAX_DRAIN {
+                        return Err(String::new());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(String::new()),
             }
         }
     }
