@@ -33,3 +33,31 @@ pub fn time(budget: std::time::Duration, mut f: impl FnMut()) -> std::time::Dura
     samples.sort();
     samples[samples.len() / 2]
 }
+
+/// Median CPU time of this thread per iteration of `f` over batches filling about `budget` of
+/// wall time (at least 5): what the work itself costs, whatever else shares the CPU. On a shared
+/// machine a sample longer than a scheduler slice is always cut by other tasks, so the wall
+/// time of long operations grows with the load while that of a short floor does not.
+#[allow(dead_code)] // not every benchmark measures CPU time
+pub fn cpu_time(budget: std::time::Duration, mut f: impl FnMut()) -> std::time::Duration {
+    fn now() -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec for clock_gettime to write into.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        assert_eq!(r, 0, "CLOCK_THREAD_CPUTIME_ID");
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+    f();
+    let mut samples = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < budget || samples.len() < 5 {
+        let t = now();
+        f();
+        samples.push(now() - t);
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}
