@@ -242,6 +242,37 @@ pub struct DamageTracker {
     row: Vec<u8>,
 }
 
+/// Where the rows being hashed come from.
+trait Rows {
+    /// Row `y`, `row` bytes long.
+    fn row(&mut self, y: usize) -> &[u8];
+}
+
+/// The rows of a frame's buffer, read in place.
+struct InPlace<'a> {
+    data: &'a [u8],
+    row: usize,
+}
+
+impl Rows for InPlace<'_> {
+    fn row(&mut self, y: usize) -> &[u8] {
+        &self.data[y * self.row..][..self.row]
+    }
+}
+
+/// Rows copied one at a time into a buffer by a callback.
+struct Filled<'a, F> {
+    buf: &'a mut Vec<u8>,
+    fill: F,
+}
+
+impl<F: FnMut(usize, &mut [u8])> Rows for Filled<'_, F> {
+    fn row(&mut self, y: usize) -> &[u8] {
+        (self.fill)(y, self.buf);
+        self.buf
+    }
+}
+
 impl DamageTracker {
     /// A tracker that has seen nothing: the first frame is [`Damage::Full`].
     pub fn new() -> DamageTracker {
@@ -269,9 +300,11 @@ impl DamageTracker {
             self.mode = None;
             return Damage::Full;
         }
-        self.update_rows(frame.width, frame.height, frame.format, |y, dst| {
-            dst.copy_from_slice(&frame.data[y * row..][..row]);
-        })
+        let mut rows = InPlace {
+            data: &frame.data,
+            row,
+        };
+        self.scan(frame.width, frame.height, frame.format, &mut rows)
     }
 
     /// Like [`DamageTracker::update`], for an image that is not a [`Frame`]: `fill(y, row)`
@@ -283,7 +316,29 @@ impl DamageTracker {
         width: u32,
         height: u32,
         format: PixelFormat,
-        mut fill: impl FnMut(usize, &mut [u8]),
+        fill: impl FnMut(usize, &mut [u8]),
+    ) -> Damage {
+        let mut buf = std::mem::take(&mut self.row);
+        buf.resize(width as usize * format.bytes_per_pixel() as usize, 0);
+        let d = self.scan(
+            width,
+            height,
+            format,
+            &mut Filled {
+                buf: &mut buf,
+                fill,
+            },
+        );
+        self.row = buf;
+        d
+    }
+
+    fn scan(
+        &mut self,
+        width: u32,
+        height: u32,
+        format: PixelFormat,
+        src: &mut impl Rows,
     ) -> Damage {
         let mode = (width, height, format);
         let bpp = format.bytes_per_pixel() as usize;
@@ -295,23 +350,20 @@ impl DamageTracker {
             self.mode = None;
             return Damage::Full;
         }
-        let mut line = std::mem::take(&mut self.row);
-        line.resize(row, 0);
         if self.mode != Some(mode) {
             self.hashes.clear();
             self.hashes.reserve(segs * rows);
             for y in 0..rows {
-                fill(y, &mut line);
+                let line = src.row(y);
                 self.hashes.extend(line.chunks(seg_bytes).map(hash_segment));
             }
             self.mode = Some(mode);
-            self.row = line;
             return Damage::Full;
         }
         let mut open: Vec<Grow> = Vec::new();
         let mut done: Vec<Grow> = Vec::new();
         for (y, old) in self.hashes.chunks_exact_mut(segs).enumerate() {
-            fill(y, &mut line);
+            let line = src.row(y);
             let y = y as u32;
             let mut run: Option<u32> = None;
             for (s, (seg, h)) in line.chunks(seg_bytes).zip(old.iter_mut()).enumerate() {
@@ -331,7 +383,6 @@ impl DamageTracker {
                 grow(&mut open, &mut done, y, x0, segs as u32);
             }
         }
-        self.row = line;
         done.append(&mut open);
         let (w, h) = (width, height);
         Damage::from_rects(
@@ -413,6 +464,37 @@ mod tests {
         let mut t = seen(&f);
         assert!(t.update(&f).is_empty());
         assert!(t.update(&f).is_empty());
+    }
+
+    #[test]
+    fn rows_filled_one_at_a_time_hash_like_the_frame() {
+        // A scanout of 100x70 RGB565 inside a larger buffer (stride 256 bytes), as VRAM holds
+        // it: update_rows over the buffer and update over the frame agree at every step.
+        let mut f = frame(100, 70, PixelFormat::Rgb565);
+        let stride = 256usize;
+        let vram = |f: &Frame| {
+            let mut v = vec![0xaau8; stride * 70];
+            for (y, line) in f.data.chunks_exact(200).enumerate() {
+                v[y * stride..][..200].copy_from_slice(line);
+            }
+            v
+        };
+        let (mut a, mut b) = (DamageTracker::new(), DamageTracker::new());
+        for step in 0..3u8 {
+            if step > 0 {
+                set(&mut f, 20 * u32::from(step), 9 * u32::from(step), step);
+            }
+            let v = vram(&f);
+            let by_rows = a.update_rows(100, 70, PixelFormat::Rgb565, |y, dst| {
+                dst.copy_from_slice(&v[y * stride..][..dst.len()]);
+            });
+            assert_eq!(by_rows, b.update(&f), "step {step}");
+        }
+        // A mode change through either path is Full.
+        assert_eq!(
+            a.update_rows(50, 70, PixelFormat::Rgb565, |_, dst| dst.fill(0)),
+            Damage::Full
+        );
     }
 
     #[test]
