@@ -17,6 +17,7 @@ pub mod cli;
 pub mod display;
 pub mod error;
 pub mod instance;
+pub mod integrate;
 pub mod manage;
 pub mod ratelimit;
 pub mod sys;

@@ -1113,7 +1113,7 @@ fn m60_2q_flips_at_60_fps_on_all_four_heads() {
 /// in headless Chromium exactly what `vgpu-emu screenshot` shows (and, on the M60, the known
 /// picture the guest drew).
 #[test]
-#[ignore = "boots Linux guests under QEMU and opens them in headless Chromium; run by the README's full test command"]
+#[ignore = "boots a Linux guest under QEMU; run by the README's full test command"]
 fn a_browser_shows_the_guest_console_and_every_head_of_a_multi_head_guest() {
     let mut browser = common::browser::Browser::launch();
     let novnc = browser.novnc_dir();

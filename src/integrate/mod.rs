@@ -1,0 +1,5 @@
+//! How vgpu-emu instances reach the stacks that run VMs: libvirt domains ([`libvirt`]), through
+//! a small XML tree ([`xml`]).
+
+pub mod libvirt;
+pub mod xml;
