@@ -120,6 +120,22 @@ pub enum CliError {
     /// The viewers could not listen.
     #[error(transparent)]
     Viewer(#[from] crate::display::service::ViewerError),
+    /// A domain XML file could not be read.
+    #[error("cannot read the domain XML {}: {source}", path.display())]
+    DomainFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An instance cannot be merged into a domain.
+    #[error("{}: {source}", path.display())]
+    Libvirt {
+        /// The domain file.
+        path: PathBuf,
+        /// Why.
+        source: crate::integrate::libvirt::MergeError,
+    },
     /// Another run-time failure.
     #[error("server failed")]
     Runtime(#[source] std::io::Error),
@@ -145,6 +161,8 @@ impl CliError {
             }
             | CliError::Config(_)
             | CliError::ViewerConfig(_)
+            | CliError::DomainFile { .. }
+            | CliError::Libvirt { .. }
             | CliError::Setting(_)
             | CliError::Control(crate::manage::control::ControlError::BadInput(_))
             | CliError::Root(_) => EXIT_USAGE,

@@ -163,6 +163,35 @@ enum Command {
         #[arg(value_name = "KEY=VALUE", required = true, value_parser = parse_setting)]
         settings: Vec<(String, String)>,
     },
+    /// Print what puts an instance into a libvirt domain, or merge it into a domain's XML.
+    ///
+    /// No libvirt release knows vfio-user, so the device goes in through libvirt's QEMU
+    /// passthrough: the domain gets its guest RAM as a shared memfd (<memoryBacking>), a PCIe
+    /// root port with a user alias (q35; pc machines use the root bus) and, in
+    /// <qemu:commandline>, QEMU's JSON `-device vfio-user-pci` on that port. Without --domain the
+    /// elements are printed to merge by hand; with --domain FILE (e.g. from `virsh dumpxml VM`)
+    /// they are merged into it, and a domain whose memory backing conflicts (another source,
+    /// private access, a private NUMA cell) or that has the instance already is refused (exit
+    /// 2). Then `virsh define FILE`. The host side (socket access for libvirt's QEMU user,
+    /// AppArmor): see the README.
+    LibvirtXml {
+        /// The instance's vfio-user socket [default: the one `serve` uses by default].
+        #[arg(long, value_name = "PATH", conflicts_with = "uuid")]
+        socket: Option<PathBuf>,
+        /// The instance's UUID on a daemon (see --root).
+        #[arg(long, value_name = "UUID")]
+        uuid: Option<String>,
+        /// The daemon's root, with --uuid [default: as `daemon`].
+        #[arg(long, value_name = "DIR", requires = "uuid")]
+        root: Option<PathBuf>,
+        /// Merge into this domain XML and print the whole domain.
+        #[arg(long, value_name = "FILE")]
+        domain: Option<PathBuf>,
+        /// Write the merged domain to FILE instead of stdout (it may be the --domain file
+        /// itself; replaced atomically).
+        #[arg(short = 'o', long = "output", value_name = "FILE", requires = "domain")]
+        output: Option<PathBuf>,
+    },
     /// Save a head's current image as PNG.
     Screenshot {
         /// The instance's vfio-user socket [default: the one `serve` uses by default,
@@ -520,6 +549,26 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 &vgpu_emu::manage::daemon::Request::Create { parent, ty, uuid },
             )?;
             print(&format!("{}\n", reply.uuid.unwrap_or_default()));
+            Ok(())
+        }
+        Command::LibvirtXml {
+            socket,
+            uuid,
+            root,
+            domain,
+            output,
+        } => {
+            let (xml, hints) = vgpu_emu::cli::libvirt_cmd::run(&vgpu_emu::cli::libvirt_cmd::LibvirtXmlArgs {
+                socket,
+                uuid,
+                root,
+                domain,
+                output,
+            })?;
+            for h in hints {
+                eprintln!("{h}");
+            }
+            print(&xml);
             Ok(())
         }
         Command::Remove { root, uuid } => {

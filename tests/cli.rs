@@ -947,3 +947,107 @@ fn an_idle_instance_costs_no_cpu_and_no_wakeups() {
     assert_eq!(status["frl_runtime"]["wakeups"], 0, "{status}");
     assert_eq!(status["frl_runtime"]["ticks"], 0, "{status}");
 }
+
+#[test]
+fn libvirt_xml_prints_the_elements_and_merges_them_into_a_domain_file() {
+    let served = common::Served::start("M60-2Q");
+    let socket = served.socket.to_str().unwrap().to_string();
+    let uuid = served.status()["uuid"].as_str().unwrap().to_string();
+    let short = &uuid.replace('-', "")[..8];
+
+    // The elements to merge by hand: well-formed, naming this instance's socket.
+    let out = run(&["libvirt-xml", "--socket", &socket]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fragment = String::from_utf8(out.stdout.clone()).unwrap();
+    for needle in [
+        "xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'",
+        "<source type='memfd'/>",
+        "<access mode='shared'/>",
+        "model='pcie-root-port'",
+        &format!("ua-vgpu-emu-{short}"),
+        &format!("\"path\":\"{socket}\""),
+        "M60-2Q@1",
+    ] {
+        assert!(
+            fragment.contains(needle),
+            "{needle} missing from:\n{fragment}"
+        );
+    }
+    assert!(
+        stderr(&out).contains("libvirt-qemu"),
+        "the socket access hint"
+    );
+
+    // Merged into a domain file, in place.
+    let dir = tempfile::tempdir().unwrap();
+    let domain = write(
+        dir.path(),
+        "vm.xml",
+        "<domain type='qemu'>\n  <name>vm</name>\n  <memory unit='MiB'>512</memory>\n  <os>\n    \
+         <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n</domain>\n",
+    );
+    let d = domain.to_str().unwrap();
+    let out = run(&["libvirt-xml", "--socket", &socket, "--domain", d, "-o", d]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "written to the file, not stdout");
+    let merged = std::fs::read_to_string(&domain).unwrap();
+    assert!(
+        merged.contains("<name>vm</name>") && merged.contains("vfio-user-pci"),
+        "{merged}"
+    );
+    // A second merge is refused (exit 2) and leaves the file alone.
+    assert_exit(
+        &["libvirt-xml", "--socket", &socket, "--domain", d, "-o", d],
+        2,
+        "already has this instance",
+    );
+    assert_eq!(std::fs::read_to_string(&domain).unwrap(), merged);
+
+    // Conflicting memory, a non-domain, a missing file, a missing instance.
+    let file_backed = write(
+        dir.path(),
+        "file.xml",
+        "<domain><memoryBacking><source type='file'/></memoryBacking></domain>",
+    );
+    assert_exit(
+        &[
+            "libvirt-xml",
+            "--socket",
+            &socket,
+            "--domain",
+            file_backed.to_str().unwrap(),
+        ],
+        2,
+        "memory backing conflicts",
+    );
+    let net = write(dir.path(), "net.xml", "<network/>");
+    assert_exit(
+        &[
+            "libvirt-xml",
+            "--socket",
+            &socket,
+            "--domain",
+            net.to_str().unwrap(),
+        ],
+        2,
+        "not <domain>",
+    );
+    assert_exit(
+        &[
+            "libvirt-xml",
+            "--socket",
+            &socket,
+            "--domain",
+            "/nonexistent/vm.xml",
+        ],
+        2,
+        "cannot read the domain XML",
+    );
+    let out = run(&["libvirt-xml", "--socket", "/nonexistent/vgpu.sock"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/vgpu.sock"),
+        "{}",
+        stderr(&out)
+    );
+}
