@@ -80,6 +80,20 @@ fn vnc_addr(served: &Served, head: usize) -> String {
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// `ADDR:PORT` of the web port, from head 0's noVNC URL in `status`.
+fn web_host(status: &serde_json::Value) -> String {
+    let url = status["heads"][0]["web"].as_str().unwrap_or_default();
+    assert!(
+        url.starts_with("http://"),
+        "status names no web URL: {status}"
+    );
+    url["http://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn viewers_of_a_bochs_head_see_the_screenshot_after_full_and_incremental_updates_and_a_mode_change()
 {
@@ -431,12 +445,7 @@ fn the_web_port_lists_the_heads_serves_novnc_and_carries_rfb_over_websocket() {
         "{url}"
     );
     assert_eq!(status["heads"][0]["vnc"], "", "no --vnc: no raw port");
-    let host = url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let host = web_host(&status);
 
     let (code, page) = http_get(&host, "/");
     assert_eq!(code, 200);
@@ -543,8 +552,7 @@ fn without_novnc_the_page_says_which_package_to_install() {
         ],
     );
     let status = served.status();
-    let url = status["heads"][0]["web"].as_str().unwrap();
-    let host = url.trim_start_matches("http://").split('/').next().unwrap();
+    let host = &web_host(&status);
     let (code, page) = http_get(host, "/");
     assert_eq!(code, 200);
     assert!(
@@ -580,11 +588,7 @@ fn novnc_in_a_browser_shows_the_head_the_screenshot_shows() {
     vmm.draw(640, 0, 480, 4);
     let status = served.status();
     let uuid = status["uuid"].as_str().unwrap();
-    let url = status["heads"][0]["web"].as_str().unwrap();
-    let root = format!(
-        "http://{}/",
-        url.trim_start_matches("http://").split('/').next().unwrap()
-    );
+    let root = format!("http://{}/", web_host(&status));
 
     // The page lists the head and links to its viewer.
     let mut page = browser.open(&root);
@@ -612,13 +616,7 @@ fn malformed_web_clients_are_refused_or_closed_and_the_port_keeps_serving() {
     let served = Served::start_args("EMU-64M", &["--web", "127.0.0.1:0"]);
     let status = served.status();
     let uuid = status["uuid"].as_str().unwrap().to_string();
-    let url = status["heads"][0]["web"].as_str().unwrap().to_string();
-    let host = url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let host = web_host(&status);
     let raw = |request: &[u8]| -> String {
         let mut s = TcpStream::connect(&host).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();

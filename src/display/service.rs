@@ -430,6 +430,23 @@ struct HeadState {
 }
 
 impl HeadState {
+    /// A head sampled at most every `period`, not sampled yet.
+    fn new(listener: Option<(TcpListener, Token, u16)>, period: Duration) -> HeadState {
+        HeadState {
+            listener,
+            period,
+            last_sample: None,
+            frame: None,
+            blank: false,
+            tracker: DamageTracker::new(),
+            gen: 0,
+            cursor: None,
+            cursor_gen: 0,
+            clients: Vec::new(),
+            still: 0,
+        }
+    }
+
     /// The time between samples: the type's frame period, four of them once the head has
     /// not changed for a second.
     fn interval(&self) -> Duration {
@@ -634,19 +651,7 @@ impl Loop {
                                 }
                             }
                         });
-                        heads.push(HeadState {
-                            listener,
-                            period: Duration::from_secs(1) / hz,
-                            last_sample: None,
-                            frame: None,
-                            blank: false,
-                            tracker: DamageTracker::new(),
-                            gen: 0,
-                            cursor: None,
-                            cursor_gen: 0,
-                            clients: Vec::new(),
-                            still: 0,
-                        });
+                        heads.push(HeadState::new(listener, Duration::from_secs(1) / hz));
                     }
                     self.instances.insert(
                         uuid,
@@ -1649,19 +1654,7 @@ mod tests {
 
     #[test]
     fn a_still_head_is_sampled_at_a_quarter_rate() {
-        let mut h = HeadState {
-            listener: None,
-            period: Duration::from_secs(1) / 60,
-            last_sample: None,
-            frame: None,
-            blank: false,
-            tracker: DamageTracker::new(),
-            gen: 0,
-            cursor: None,
-            cursor_gen: 0,
-            clients: Vec::new(),
-            still: 0,
-        };
+        let mut h = HeadState::new(None, Duration::from_secs(1) / 60);
         assert_eq!(h.interval(), h.period);
         h.still = 59;
         assert_eq!(h.interval(), h.period);

@@ -299,6 +299,15 @@ fn devices(domain: &mut Element) -> &mut Element {
 mod tests {
     use super::*;
 
+    /// The values of `<NAME:arg>` under `<NAME:commandline>` of `d`.
+    fn args<'a>(d: &'a Element, commandline: &str) -> Vec<&'a str> {
+        d.child(commandline)
+            .unwrap()
+            .elements()
+            .map(|a| a.attr("value").unwrap())
+            .collect()
+    }
+
     fn dev() -> VgpuDevice {
         VgpuDevice::new(
             Uuid::parse_str("74351e0c-e65b-4eae-aa34-df30b96c4889").unwrap(),
@@ -338,12 +347,7 @@ mod tests {
             port.child("alias").unwrap().attr("name"),
             Some("ua-vgpu-emu-74351e0c")
         );
-        let args: Vec<&str> = d
-            .child("qemu:commandline")
-            .unwrap()
-            .elements()
-            .map(|a| a.attr("value").unwrap())
-            .collect();
+        let args = args(&d, "qemu:commandline");
         assert_eq!(args[0], "-device");
         let json: serde_json::Value = serde_json::from_str(args[1]).unwrap();
         assert_eq!(json["driver"], "vfio-user-pci");
@@ -377,12 +381,7 @@ mod tests {
         assert!(mb.child("hugepages").is_some());
         assert_eq!(mb.elements().filter(|e| e.name == "source").count(), 1);
         assert_eq!(mb.child("access").unwrap().attr("mode"), Some("shared"));
-        let args: Vec<&str> = d
-            .child("q:commandline")
-            .unwrap()
-            .elements()
-            .map(|a| a.attr("value").unwrap())
-            .collect();
+        let args = args(&d, "q:commandline");
         assert_eq!(args[..3], ["-trace", "vfio*", "-device"]);
         assert_eq!(
             d.elements().filter(|e| e.name == "q:commandline").count(),
@@ -446,12 +445,7 @@ mod tests {
     fn the_fragment_is_well_formed_and_names_the_same_device() {
         let f = fragment(&dev());
         let d = xml::parse(&f).unwrap().root;
-        let args: Vec<&str> = d
-            .child("qemu:commandline")
-            .unwrap()
-            .elements()
-            .map(|a| a.attr("value").unwrap())
-            .collect();
+        let args = args(&d, "qemu:commandline");
         assert_eq!(args[1], dev().device_json(&dev().port_alias()));
     }
 }
