@@ -103,7 +103,8 @@ pub fn processes_in_pid_namespace(ns: &str) -> Vec<u32> {
     found
 }
 
-/// A private libvirt daemon, stopped (with every QEMU it started) on drop.
+/// A private libvirt daemon, stopped (with every QEMU it started) on drop, or when the thread
+/// that started it ends (the parent-death signal of its process): start one per test.
 #[derive(Debug)]
 pub struct Libvirt {
     /// `libvirt-private run DIR`, which became the namespace's `unshare`.
@@ -153,9 +154,16 @@ impl Libvirt {
         let uri = String::from_utf8_lossy(&uri.stdout).trim().to_string();
 
         let log = std::fs::File::create(dir.path().join("daemon.out")).expect("daemon.out");
-        let child = Command::new(script("libvirt-private"))
+        // setpriv's parent-death signal stays with the process through the execs that make it
+        // the namespace's unshare: should this test process die without dropping the daemon
+        // (killed by a timeout, say), unshare is killed, and with it the namespace.
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(script("libvirt-private"))
             .arg("run")
             .arg(dir.path())
+            // What provision-libvirt printed above: `run` need not ask it again.
+            .env("VGPU_EMU_LIBVIRT_PROVISIONED", &out)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("daemon.out"))
             .stderr(log)
