@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod libvirt;
 pub mod vnc;
 
 use std::io::{Read, Write};
