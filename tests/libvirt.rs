@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::libvirt::{processes_in_pid_namespace, Libvirt};
+use common::wait_until;
 
 /// How long a boot of the guest may take (about 5 s under TCG here).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -201,4 +202,108 @@ fn a_private_libvirt_defines_starts_destroys_restarts_and_undefines_a_guest() {
         !mounts.contains("vgpu-libvirt-root") && !mounts.contains(&*dir.to_string_lossy()),
         "mounts of the daemon are left:\n{mounts}"
     );
+}
+
+/// Boots `domain` (already defined) and returns its console once the guest is ready.
+fn start_and_wait(lv: &Libvirt, domain: &str, console: &Path) -> String {
+    let _ = std::fs::remove_file(console);
+    lv.virsh_ok(&["start", domain]);
+    wait_ready(lv, domain, console)
+}
+
+/// The `VGPU: pci ...` report line of the device with `vendor` and `device`, as fields.
+fn pci_line(console: &str, vendor: &str, device: &str) -> String {
+    console
+        .lines()
+        .find(|l| {
+            l.starts_with("VGPU: pci ")
+                && l.contains(&format!("vendor={vendor}"))
+                && l.contains(&format!("device={device}"))
+        })
+        .unwrap_or_else(|| panic!("no {vendor}:{device} in the guest's report:\n{console}"))
+        .to_string()
+}
+
+/// What a libvirt user does: a domain XML of their own (here without any memory backing), the
+/// instance merged in by `vgpu-emu libvirt-xml`, validated by virt-xml-validate, defined and
+/// started by libvirt. The stock driver binds and the console shows on the vGPU; destroying and
+/// starting the domain again resets the device, and the instance outlives the domain, as an
+/// mdev does. Both personalities: bochs (EMU-16M) and virtio-gpu (M60-0B), which needs the
+/// shared memfd libvirt-xml adds.
+#[test]
+#[ignore = "libvirt tier: provisions libvirt into the cache and runs a private daemon; run by the README's full test command"]
+fn a_domain_with_an_instance_merged_by_libvirt_xml_boots_resets_and_leaves_the_instance() {
+    let lv = Libvirt::start();
+    for (ty, vendor, device, driver) in [
+        ("EMU-16M", "0x1234", "0x1111", "bochs-drm"),
+        ("M60-0B", "0x1af4", "0x1050", "virtio-pci"),
+    ] {
+        // The socket where the daemon (and its QEMU) can see it.
+        let socket = lv.dir().join(format!("{ty}.sock"));
+        let mut served = common::Served::start_on(ty, &socket);
+        let name = format!("vgpu-{}", ty.to_lowercase());
+        let mut domain = lv.guest_domain(&name);
+        domain.cmdline = "console=tty0 console=ttyS0 panic=-1 loglevel=6 vgpu.screen=1".into();
+        let console = domain.console.clone();
+        let mine = domain.xml();
+        let backing = "  <memoryBacking>\n    <source type='memfd'/>\n    <access mode='shared'/>\n  </memoryBacking>\n";
+        assert!(mine.contains(backing));
+        let mine = mine.replace(backing, "");
+        let file = lv.dir().join(format!("{name}.xml"));
+        std::fs::write(&file, &mine).unwrap();
+        let out = std::process::Command::new(common::BIN)
+            .args(["libvirt-xml", "--socket"])
+            .arg(&socket)
+            .arg("--domain")
+            .arg(&file)
+            .arg("-o")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "libvirt-xml: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let merged = std::fs::read_to_string(&file).unwrap();
+        assert!(merged.contains("<source type='memfd'/>"), "{merged}");
+        lv.validate(&merged)
+            .unwrap_or_else(|e| panic!("{ty}: the merged domain does not validate: {e}\n{merged}"));
+
+        lv.virsh_ok(&["define", file.to_str().unwrap()]);
+        let report = start_and_wait(&lv, &name, &console);
+        let pci = pci_line(&report, vendor, device);
+        assert!(pci.contains(&format!("driver={driver}")), "{ty}: {pci}");
+        wait_until(Duration::from_secs(60), "the console on the vGPU", || {
+            served
+                .screenshot()
+                .is_ok_and(|(_, _, rgb)| rgb.iter().any(|&b| b > 0x40))
+        });
+        let status = served.status();
+        assert_eq!(status["client_connected"], true, "{status}");
+        let resets = status["accesses"]["resets"].as_u64().unwrap();
+
+        // Destroyed: QEMU goes, the instance stays, keeping its state for the next client.
+        lv.virsh_ok(&["destroy", &name]);
+        wait_until(Duration::from_secs(20), "the client to leave", || {
+            served.status()["client_connected"] == false
+        });
+        served.assert_alive();
+        // Started again: a reset device, the driver binds again.
+        let report = start_and_wait(&lv, &name, &console);
+        let pci = pci_line(&report, vendor, device);
+        assert!(
+            pci.contains(&format!("driver={driver}")),
+            "{ty}, again: {pci}"
+        );
+        let after = served.status()["accesses"]["resets"].as_u64().unwrap();
+        assert!(
+            after > resets,
+            "{ty}: the second start reset the device ({resets} -> {after})"
+        );
+        lv.virsh_ok(&["destroy", &name]);
+        lv.virsh_ok(&["undefine", &name]);
+        served.assert_alive();
+        assert_eq!(served.status()["type"], format!("{ty}@1"));
+    }
 }

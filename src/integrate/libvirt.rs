@@ -133,8 +133,9 @@ pub fn fragment(dev: &VgpuDevice) -> String {
     <access mode='shared'/>
   </memoryBacking>
   <devices>
-    <!-- A PCIe root port for the vGPU; its user alias is QEMU's id of the port. -->
-    <controller type='pci' model='pcie-root-port'>
+    <!-- A PCIe root port for the vGPU; its user alias is QEMU's id of the port. Its index
+         must be one no other <controller type='pci'> of the domain has (and not 0). -->
+    <controller type='pci' index='1' model='pcie-root-port'>
       <alias name='{alias}'/>
     </controller>
   </devices>
@@ -188,9 +189,25 @@ pub fn merge(domain_xml: &str, dev: &VgpuDevice) -> Result<String, MergeError> {
     // The root port (q35), then the device on it.
     let bus = match machine {
         Machine::Q35 => {
+            // libvirt gives a PCI controller without an index index 0, which q35 reserves for
+            // its pcie-root: take the next free one (never 0).
+            let index = domain
+                .child("devices")
+                .and_then(|d| {
+                    d.elements()
+                        .filter(|c| c.name == "controller" && c.attr("type") == Some("pci"))
+                        .filter_map(|c| c.attr("index")?.parse::<u32>().ok())
+                        .max()
+                })
+                .map_or(1, |m| m + 1)
+                .to_string();
             let mut port = Element::new(
                 "controller",
-                &[("type", "pci"), ("model", "pcie-root-port")],
+                &[
+                    ("type", "pci"),
+                    ("index", &index),
+                    ("model", "pcie-root-port"),
+                ],
             );
             port.children.push(Node::Element(Element::new(
                 "alias",
@@ -344,6 +361,11 @@ mod tests {
             .unwrap();
         assert_eq!(port.attr("model"), Some("pcie-root-port"));
         assert_eq!(
+            port.attr("index"),
+            Some("1"),
+            "never 0: q35's pcie-root has it"
+        );
+        assert_eq!(
             port.child("alias").unwrap().attr("name"),
             Some("ua-vgpu-emu-74351e0c")
         );
@@ -365,6 +387,25 @@ mod tests {
             merge(&out, &dev()),
             Err(MergeError::AlreadyMerged(_))
         ));
+    }
+
+    #[test]
+    fn the_root_port_takes_the_next_free_pci_controller_index() {
+        let xml = Q35.replace(
+            "<emulator>",
+            "<controller type='pci' index='0' model='pcie-root'/>\n    \
+             <controller type='pci' index='3' model='pcie-root-port'/>\n    \
+             <controller type='usb' index='7'/>\n    <emulator>",
+        );
+        let out = merge(&xml, &dev()).unwrap();
+        let d = xml::parse(&out).unwrap().root;
+        let ours = d
+            .child("devices")
+            .unwrap()
+            .elements()
+            .find(|e| e.child("alias").is_some())
+            .unwrap();
+        assert_eq!(ours.attr("index"), Some("4"));
     }
 
     #[test]

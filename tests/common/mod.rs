@@ -95,6 +95,12 @@ impl Served {
         Served::start_with(ty, Some("info"), args)
     }
 
+    /// Like [`Served::start_logged`], on the socket `socket` (where another party must find
+    /// it).
+    pub fn start_on(ty: &str, socket: &Path) -> Served {
+        Served::start_in(ty, Some("info"), &[], Some(socket))
+    }
+
     /// Like [`Served::start`], with the server's log at `info` written to [`Served::log`].
     pub fn start_logged(ty: &str) -> Served {
         Served::start_with(ty, Some("info"), &[])
@@ -106,8 +112,12 @@ impl Served {
     }
 
     fn start_with(ty: &str, log: Option<&str>, args: &[&str]) -> Served {
+        Served::start_in(ty, log, args, None)
+    }
+
+    fn start_in(ty: &str, log: Option<&str>, args: &[&str], socket: Option<&Path>) -> Served {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("vgpu.sock");
+        let socket = socket.map_or_else(|| dir.path().join("vgpu.sock"), Path::to_path_buf);
         let level = match log {
             Some(level) => level.to_string(),
             None => std::env::var("VGPU_TEST_LOG").unwrap_or_else(|_| "warn".into()),
