@@ -86,6 +86,20 @@ fetch_closure() {
         || { cat "$APTDIR/fetch.log" >&2; die "cannot download $*"; }
 }
 
+# The .deb file names of the whole closure of PACKAGES (apt-get install options first, e.g.
+# -t RELEASE), as apt would install them on the private status, whether or not they are in the
+# archive cache already (--print-uris leaves out what is cached, so a tree unpacked from it
+# would miss packages another provisioning downloaded).
+closure_files() {
+    local plan files
+    plan=$(apt-get "${APT_OPTS[@]}" -s install "$@" 2>&1) \
+        || { printf '%s\n' "$plan" >&2; die "cannot resolve $*"; }
+    files=$(sed -nE 's/^Inst ([^ ]+) (\[[^]]*\] )?\(([^ ]+) .*\[([a-z0-9]+)\]\)( \[.*\])?$/\1_\3_\4.deb/p' <<<"$plan" | sed 's/:/%3a/')
+    [ -n "$files" ] && [ "$(wc -l <<<"$files")" = "$(grep -c '^Inst ' <<<"$plan")" ] \
+        || { printf '%s\n' "$plan" >&2; die "cannot read apt's plan for $*"; }
+    printf '%s\n' "$files"
+}
+
 # Downloads exactly PACKAGES (no dependencies) into the private archive cache.
 fetch_only() {
     (cd "$APTDIR/archives" && apt-get "${APT_OPTS[@]}" download "$@" > "$APTDIR/fetch.log" 2>&1) \
