@@ -241,14 +241,9 @@ impl Converter {
             F::Rgba8888 | F::Rgbx8888 => self.row32::<3, 2, 1>(row, out),
             F::Rgb565 => {
                 let [r, g, b] = &self.lut565;
-                let lookup = |v: usize| r[v >> 11] | g[(v >> 5) & 0x3f] | b[v & 0x1f];
-                let mut last = (0, lookup(0));
                 out.extend(row.chunks_exact(2).map(|p| {
                     let v = usize::from(u16::from_le_bytes([p[0], p[1]]));
-                    if v != last.0 {
-                        last = (v, lookup(v));
-                    }
-                    last.1
+                    r[v >> 11] | g[(v >> 5) & 0x3f] | b[v & 0x1f]
                 }));
             }
         }
@@ -264,24 +259,10 @@ impl Converter {
         if self.identity {
             out.extend(px.map(|p| u32::from_le_bytes([p[B], p[G], p[R], 0])));
         } else {
-            // A pixel equal to the one before (most of them, in a console) reuses its value.
             let [lr, lg, lb] = &self.lut;
-            let lookup =
-                |p: &[u8]| lr[usize::from(p[R])] | lg[usize::from(p[G])] | lb[usize::from(p[B])];
-            let Some(first) = row.get(..4) else {
-                return;
-            };
-            let mut last = (
-                u32::from_le_bytes([first[0], first[1], first[2], first[3]]),
-                lookup(first),
+            out.extend(
+                px.map(|p| lr[usize::from(p[R])] | lg[usize::from(p[G])] | lb[usize::from(p[B])]),
             );
-            out.extend(px.map(|p| {
-                let src = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
-                if src != last.0 {
-                    last = (src, lookup(p));
-                }
-                last.1
-            }));
         }
     }
 }
@@ -519,11 +500,8 @@ impl Scan {
             while px.get(i) == Some(&c) {
                 i += 1;
             }
-            // Text alternates between two colours: the run before last often has this one.
-            let before_last = self.runs.len().checked_sub(2).map(|r| self.runs[r]);
             let index = if fits {
-                let known = before_last.filter(|r| r.colour == c).map(|r| r.index);
-                match known.or_else(|| self.index(c, max)) {
+                match self.index(c, max) {
                     Some(index) => index,
                     None if stop => return false,
                     None => {
