@@ -161,7 +161,7 @@ pub struct Cursor {
 pub struct Converter {
     lut: [[u32; 256]; 3],
     /// The same for the 5-, 6- and 5-bit channels of an RGB565 source (expanded to 8 bits as
-    /// [`rgb_of`] does, then looked up in `lut`).
+    /// `rgb_of` does, then looked up in `lut`).
     lut565: [[u32; 64]; 3],
     /// The values are the 8-bit channels at bits 16, 8 and 0 (the server's own layout), so a
     /// 32-bit source pixel converts by moving its bytes, without the tables.
