@@ -160,6 +160,12 @@ pub struct Cursor {
 #[derive(Debug)]
 pub struct Converter {
     lut: [[u32; 256]; 3],
+    /// The same for the 5-, 6- and 5-bit channels of an RGB565 source (expanded to 8 bits as
+    /// `rgb_of` does, then looked up in `lut`).
+    lut565: [[u32; 64]; 3],
+    /// The values are the 8-bit channels at bits 16, 8 and 0 (the server's own layout), so a
+    /// 32-bit source pixel converts by moving its bytes, without the tables.
+    identity: bool,
     /// The format the tables are for.
     format: ClientPixelFormat,
 }
@@ -178,7 +184,24 @@ impl Converter {
                 *v = scaled.checked_shl(u32::from(shift)).unwrap_or(0);
             }
         }
-        Converter { lut, format: *dst }
+        let mut lut565 = [[0u32; 64]; 3];
+        for (v, out) in lut565[0].iter_mut().enumerate().take(32) {
+            *out = lut[0][(v << 3) | (v >> 2)];
+        }
+        for (v, out) in lut565[1].iter_mut().enumerate() {
+            *out = lut[1][(v << 2) | (v >> 4)];
+        }
+        for (v, out) in lut565[2].iter_mut().enumerate().take(32) {
+            *out = lut[2][(v << 3) | (v >> 2)];
+        }
+        let identity = [dst.red_max, dst.green_max, dst.blue_max] == [255; 3]
+            && [dst.red_shift, dst.green_shift, dst.blue_shift] == [16, 8, 0];
+        Converter {
+            lut,
+            lut565,
+            identity,
+            format: *dst,
+        }
     }
 
     /// The value of an 8-bit RGB colour.
@@ -189,27 +212,71 @@ impl Converter {
     /// Values of `rect` (clipped to the frame by the caller), row-major. A frame whose data is
     /// shorter than its geometry says reads as black where it is missing.
     pub fn rect(&self, frame: &Frame, rect: Rect) -> Vec<u32> {
-        let bpp = frame.format.bytes_per_pixel() as usize;
-        let stride = frame.width as usize * bpp;
-        let mut out = Vec::with_capacity(usize::from(rect.w) * usize::from(rect.h));
+        let mut out = Vec::new();
+        self.rect_into(frame, rect, &mut out);
+        out
+    }
+
+    /// [`rect`](Self::rect) into `out` (cleared first), reusing its allocation.
+    pub fn rect_into(&self, frame: &Frame, rect: Rect, out: &mut Vec<u32>) {
+        out.clear();
+        out.reserve(usize::from(rect.w) * usize::from(rect.h));
         for y in rect.y..rect.y + rect.h {
-            let start = usize::from(y) * stride + usize::from(rect.x) * bpp;
-            let len = usize::from(rect.w) * bpp;
-            match frame.data.get(start..start + len) {
-                Some(row) => {
-                    for p in row.chunks_exact(bpp) {
-                        let (r, g, b) = rgb_of(frame.format, p);
-                        out.push(self.rgb(r, g, b));
-                    }
-                }
-                None => out.extend(std::iter::repeat_n(self.rgb(0, 0, 0), usize::from(rect.w))),
+            self.row_into(frame, row_bytes(frame, rect, y), usize::from(rect.w), out);
+        }
+    }
+
+    /// Appends the values of one row of `frame` (`w` pixels, black when `row` is `None`).
+    fn row_into(&self, frame: &Frame, row: Option<&[u8]>, w: usize, out: &mut Vec<u32>) {
+        use PixelFormat as F;
+        let Some(row) = row else {
+            out.resize(out.len() + w, self.rgb(0, 0, 0));
+            return;
+        };
+        // Byte positions of red, green and blue, as in `rgb_of`.
+        match frame.format {
+            F::Xrgb8888 | F::Argb8888 => self.row32::<2, 1, 0>(row, out),
+            F::Xrgb8888BigEndian | F::Bgra8888 | F::Bgrx8888 => self.row32::<1, 2, 3>(row, out),
+            F::Abgr8888 | F::Xbgr8888 => self.row32::<0, 1, 2>(row, out),
+            F::Rgba8888 | F::Rgbx8888 => self.row32::<3, 2, 1>(row, out),
+            F::Rgb565 => {
+                let [r, g, b] = &self.lut565;
+                out.extend(row.chunks_exact(2).map(|p| {
+                    let v = usize::from(u16::from_le_bytes([p[0], p[1]]));
+                    r[v >> 11] | g[(v >> 5) & 0x3f] | b[v & 0x1f]
+                }));
             }
         }
-        out
+    }
+
+    /// One row of a 32-bit source whose red, green and blue are bytes `R`, `G` and `B`.
+    fn row32<const R: usize, const G: usize, const B: usize>(
+        &self,
+        row: &[u8],
+        out: &mut Vec<u32>,
+    ) {
+        let px = row.chunks_exact(4);
+        if self.identity {
+            out.extend(px.map(|p| u32::from_le_bytes([p[B], p[G], p[R], 0])));
+        } else {
+            let [lr, lg, lb] = &self.lut;
+            out.extend(
+                px.map(|p| lr[usize::from(p[R])] | lg[usize::from(p[G])] | lb[usize::from(p[B])]),
+            );
+        }
     }
 }
 
-/// 8-bit RGB of one pixel of `format`.
+/// The bytes of row `y` of `rect` in `frame`, or `None` where the data stops short.
+fn row_bytes(frame: &Frame, rect: Rect, y: u16) -> Option<&[u8]> {
+    let bpp = frame.format.bytes_per_pixel() as usize;
+    let stride = frame.width as usize * bpp;
+    let start = usize::from(y) * stride + usize::from(rect.x) * bpp;
+    frame.data.get(start..start + usize::from(rect.w) * bpp)
+}
+
+/// 8-bit RGB of one pixel of `format` (what [`Converter`]'s tables implement).
+#[cfg(test)]
 fn rgb_of(format: PixelFormat, p: &[u8]) -> (u8, u8, u8) {
     let at = |[r, g, b]: [usize; 3]| (p[r], p[g], p[b]);
     match format {
@@ -231,14 +298,18 @@ fn rgb_of(format: PixelFormat, p: &[u8]) -> (u8, u8, u8) {
     }
 }
 
-/// Appends a pixel value as the viewer's PIXEL (bpp and byte order).
-fn put_pixel(out: &mut Vec<u8>, v: u32, pf: &ClientPixelFormat) {
-    match (pf.bits_per_pixel, pf.big_endian) {
-        (32, false) => out.extend_from_slice(&v.to_le_bytes()),
-        (32, true) => out.extend_from_slice(&v.to_be_bytes()),
-        (16, false) => out.extend_from_slice(&(v as u16).to_le_bytes()),
-        (16, true) => out.extend_from_slice(&(v as u16).to_be_bytes()),
-        _ => out.push(v as u8),
+/// A row of the server's own XRGB8888 (or ARGB8888) straight into a viewer's Raw data when the
+/// viewer asked for the server's format: a copy with the fourth byte of each pixel cleared.
+fn put_xrgb_row(out: &mut Vec<u8>, row: &[u8]) {
+    let at = out.len();
+    out.extend_from_slice(row);
+    let mut pairs = out[at..].chunks_exact_mut(8);
+    for c in &mut pairs {
+        let v = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        c.copy_from_slice(&(v & 0x00ff_ffff_00ff_ffff).to_le_bytes());
+    }
+    if let Some(x) = pairs.into_remainder().get_mut(3) {
+        *x = 0;
     }
 }
 
@@ -248,38 +319,119 @@ fn colour_mask(pf: &ClientPixelFormat) -> u32 {
         | (u32::from(pf.blue_max) << pf.blue_shift)
 }
 
-/// ZRLE's CPIXEL (RFC 6143 section 7.7.6): 3 bytes when 32 bpp, depth <= 24 and the colour
-/// bits fit in the least or the most significant 3 bytes.
-#[derive(Clone, Copy)]
-enum CPixel {
-    Full,
-    Low3,
-    High3,
+/// How a pixel value goes on the wire: bytes `at..at + len` of its little- or big-endian
+/// form, or Tight's R, G, B bytes (each channel's value shifted down to bit 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    Le { at: u8, len: u8 },
+    Be { at: u8, len: u8 },
+    Rgb { shifts: [u8; 3] },
 }
 
-impl CPixel {
-    fn of(pf: &ClientPixelFormat) -> CPixel {
-        if pf.bits_per_pixel != 32 || pf.depth > 24 {
-            return CPixel::Full;
-        }
-        let mask = colour_mask(pf);
-        if mask & 0xff00_0000 == 0 {
-            CPixel::Low3
-        } else if mask & 0xff == 0 {
-            CPixel::High3
-        } else {
-            CPixel::Full
+impl Wire {
+    /// PIXEL: the viewer's bytes per pixel in its byte order.
+    fn pixel(pf: &ClientPixelFormat) -> Wire {
+        match (pf.bits_per_pixel, pf.big_endian) {
+            (32, false) => Wire::Le { at: 0, len: 4 },
+            (32, true) => Wire::Be { at: 0, len: 4 },
+            (16, false) => Wire::Le { at: 0, len: 2 },
+            (16, true) => Wire::Be { at: 2, len: 2 },
+            _ => Wire::Le { at: 0, len: 1 },
         }
     }
 
-    fn put(self, out: &mut Vec<u8>, v: u32, pf: &ClientPixelFormat) {
-        match (self, pf.big_endian) {
-            (CPixel::Full, _) => put_pixel(out, v, pf),
-            (CPixel::Low3, false) => out.extend_from_slice(&v.to_le_bytes()[..3]),
-            (CPixel::Low3, true) => out.extend_from_slice(&v.to_be_bytes()[1..]),
-            (CPixel::High3, false) => out.extend_from_slice(&v.to_le_bytes()[1..]),
-            (CPixel::High3, true) => out.extend_from_slice(&v.to_be_bytes()[..3]),
+    /// ZRLE's CPIXEL (RFC 6143 section 7.7.6): 3 bytes when 32 bpp, depth <= 24 and the
+    /// colour bits fit in the least or the most significant 3 bytes, otherwise PIXEL.
+    fn cpixel(pf: &ClientPixelFormat) -> Wire {
+        if pf.bits_per_pixel != 32 || pf.depth > 24 {
+            return Wire::pixel(pf);
         }
+        let mask = colour_mask(pf);
+        match (mask & 0xff00_0000 == 0, mask & 0xff == 0, pf.big_endian) {
+            (true, _, false) => Wire::Le { at: 0, len: 3 },
+            (true, _, true) => Wire::Be { at: 1, len: 3 },
+            (false, true, false) => Wire::Le { at: 1, len: 3 },
+            (false, true, true) => Wire::Be { at: 0, len: 3 },
+            (false, false, _) => Wire::pixel(pf),
+        }
+    }
+
+    /// Tight's TPIXEL: R, G, B bytes when 32 bpp, depth 24 and every channel 8 bits wide,
+    /// otherwise PIXEL.
+    fn tpixel(pf: &ClientPixelFormat) -> Wire {
+        if pf.bits_per_pixel == 32
+            && pf.depth == 24
+            && [pf.red_max, pf.green_max, pf.blue_max] == [255; 3]
+        {
+            Wire::Rgb {
+                shifts: [pf.red_shift, pf.green_shift, pf.blue_shift],
+            }
+        } else {
+            Wire::pixel(pf)
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Wire::Le { len, .. } | Wire::Be { len, .. } => usize::from(len),
+            Wire::Rgb { .. } => 3,
+        }
+    }
+
+    /// Appends one value.
+    fn put(self, out: &mut Vec<u8>, v: u32) {
+        match self {
+            Wire::Le { at, len } => {
+                out.extend_from_slice(&v.to_le_bytes()[usize::from(at)..usize::from(at + len)])
+            }
+            Wire::Be { at, len } => {
+                out.extend_from_slice(&v.to_be_bytes()[usize::from(at)..usize::from(at + len)])
+            }
+            Wire::Rgb { shifts } => out
+                .extend_from_slice(&shifts.map(|s| v.checked_shr(u32::from(s)).unwrap_or(0) as u8)),
+        }
+    }
+
+    /// Appends every value of `px`: one loop per byte layout, so the layout is decided once.
+    fn put_all(self, out: &mut Vec<u8>, px: &[u32]) {
+        match self {
+            Wire::Le { at: 0, len: 4 } => put_each(out, px, u32::to_le_bytes),
+            Wire::Be { at: 0, len: 4 } => put_each(out, px, u32::to_be_bytes),
+            Wire::Le { at: 0, len: 2 } => put_each(out, px, |v| (v as u16).to_le_bytes()),
+            Wire::Be { at: 2, len: 2 } => put_each(out, px, |v| (v as u16).to_be_bytes()),
+            Wire::Le { at: 0, len: 3 } => put_each(out, px, |v| {
+                let b = v.to_le_bytes();
+                [b[0], b[1], b[2]]
+            }),
+            Wire::Le { at: 1, len: 3 } => put_each(out, px, |v| {
+                let b = v.to_le_bytes();
+                [b[1], b[2], b[3]]
+            }),
+            Wire::Be { at: 0, len: 3 } => put_each(out, px, |v| {
+                let b = v.to_be_bytes();
+                [b[0], b[1], b[2]]
+            }),
+            Wire::Be { at: 1, len: 3 } | Wire::Rgb { shifts: [16, 8, 0] } => {
+                put_each(out, px, |v| {
+                    let b = v.to_be_bytes();
+                    [b[1], b[2], b[3]]
+                })
+            }
+            _ => {
+                for &v in px {
+                    self.put(out, v);
+                }
+            }
+        }
+    }
+}
+
+/// Appends `f` of every value of `px`.
+fn put_each<const N: usize>(out: &mut Vec<u8>, px: &[u32], f: impl Fn(u32) -> [u8; N]) {
+    let at = out.len();
+    out.resize(at + px.len() * N, 0);
+    for (d, &v) in out[at..].chunks_exact_mut(N).zip(px) {
+        d.copy_from_slice(&f(v));
     }
 }
 
@@ -297,34 +449,134 @@ fn put_run_len(out: &mut Vec<u8>, len: usize) {
     out.push(rest as u8);
 }
 
-/// One ZRLE tile in the smallest of the subencodings we implement: solid (1), packed palette
-/// (2-16), plain RLE (128), palette RLE (130-255) or raw (0). Runs may cross rows.
-fn zrle_tile(out: &mut Vec<u8>, px: &[u32], tw: usize, cpix: CPixel, pf: &ClientPixelFormat) {
-    let cp = match cpix {
-        CPixel::Full => pf.bytes_per_pixel(),
-        _ => 3,
-    };
-    let th = px.len() / tw.max(1);
-    let pal = palette(px, 127);
-    if let Some(pal) = pal.as_ref().filter(|p| p.len() == 1) {
-        out.push(1);
-        cpix.put(out, pal[0], pf);
-        return;
+/// A run of equal pixels, with the colour's palette index (0 once the palette overflowed).
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    colour: u32,
+    len: u32,
+    index: u8,
+}
+
+/// Slots of the palette's hash table: twice the largest palette (ZRLE's 127), so probes stay
+/// short.
+const PALETTE_SLOTS: usize = 256;
+
+/// What the encoders learn about a tile or rectangle in one pass: its runs of equal pixels
+/// (crossing rows) and its palette in order of first appearance, found with a small
+/// open-addressing table looked up once per run rather than once per pixel. Kept in the
+/// [`Encoder`] so the buffers outlive a rectangle.
+#[derive(Debug, Default)]
+struct Scan {
+    runs: Vec<Run>,
+    palette: Vec<u32>,
+    /// Palette index + 1 of the colour in each slot, 0 for an empty slot.
+    slots: Vec<u8>,
+    /// Per-pixel indices, expanded from the runs for packing.
+    indices: Vec<u8>,
+}
+
+impl Scan {
+    /// Finds the runs of `px` and its palette of at most `max` (< 256) colours. Returns false
+    /// when there are more colours, after the palette overflowed if `stop` (the runs are then
+    /// incomplete), at the end otherwise.
+    fn scan(&mut self, px: &[u32], max: usize, stop: bool) -> bool {
+        self.runs.clear();
+        self.palette.clear();
+        self.slots.clear();
+        self.slots.resize(PALETTE_SLOTS, 0);
+        let mut fits = true;
+        let mut i = 0;
+        while i < px.len() {
+            let c = px[i];
+            let start = i;
+            i += 1;
+            // Whole groups of 8 first: a console is mostly long runs.
+            while let Some(group) = px.get(i..i + 8) {
+                if group.iter().fold(0, |acc, &p| acc | (p ^ c)) != 0 {
+                    break;
+                }
+                i += 8;
+            }
+            while px.get(i) == Some(&c) {
+                i += 1;
+            }
+            let index = if fits {
+                match self.index(c, max) {
+                    Some(index) => index,
+                    None if stop => return false,
+                    None => {
+                        fits = false;
+                        0
+                    }
+                }
+            } else {
+                0
+            };
+            self.runs.push(Run {
+                colour: c,
+                len: (i - start) as u32,
+                index,
+            });
+        }
+        fits
     }
-    let mut runs: Vec<(u32, usize)> = Vec::new();
-    for &p in px {
-        match runs.last_mut() {
-            Some((c, n)) if *c == p => *n += 1,
-            _ => runs.push((p, 1)),
+
+    /// The palette index of `c`, added if new; `None` when that would make more than `max`.
+    fn index(&mut self, c: u32, max: usize) -> Option<u8> {
+        let mut slot = (c.wrapping_mul(0x9e37_79b1) >> 24) as usize;
+        loop {
+            match self.slots[slot] {
+                0 => {
+                    if self.palette.len() >= max {
+                        return None;
+                    }
+                    self.palette.push(c);
+                    self.slots[slot] = self.palette.len() as u8;
+                    return Some(self.palette.len() as u8 - 1);
+                }
+                s if self.palette[usize::from(s - 1)] == c => return Some(s - 1),
+                _ => slot = (slot + 1) % PALETTE_SLOTS,
+            }
         }
     }
-    let raw_size = px.len() * cp;
-    let plain_rle = runs
-        .iter()
-        .map(|&(_, n)| cp + run_len_bytes(n))
-        .sum::<usize>();
-    let (packed, pal_rle) = match &pal {
-        Some(pal) => {
+
+    /// Palette indices of the scanned pixels (rows of `w`), packed MSB first at `bits` (1, 2
+    /// or 4) per pixel, each row padded to a byte.
+    fn pack(&mut self, out: &mut Vec<u8>, w: usize, bits: usize) {
+        self.indices.clear();
+        for r in &self.runs {
+            self.indices
+                .resize(self.indices.len() + r.len as usize, r.index);
+        }
+        let per_byte = 8 / bits;
+        for row in self.indices.chunks(w.max(1)) {
+            for group in row.chunks(per_byte) {
+                let acc = group.iter().fold(0u8, |acc, &i| (acc << bits) | i);
+                out.push(acc << ((per_byte - group.len()) * bits));
+            }
+        }
+    }
+
+    /// One ZRLE tile of `px` (rows of `tw`) in the smallest of the subencodings we implement:
+    /// solid (1), packed palette (2-16), plain RLE (128), palette RLE (130-255) or raw (0).
+    /// Runs may cross rows.
+    fn zrle_tile(&mut self, out: &mut Vec<u8>, px: &[u32], tw: usize, cpix: Wire) {
+        let cp = cpix.len();
+        let th = px.len() / tw.max(1);
+        let has_palette = self.scan(px, 127, false);
+        let pal = &self.palette;
+        if has_palette && pal.len() == 1 {
+            out.push(1);
+            cpix.put(out, pal[0]);
+            return;
+        }
+        let raw_size = px.len() * cp;
+        let plain_rle = self
+            .runs
+            .iter()
+            .map(|r| cp + run_len_bytes(r.len as usize))
+            .sum::<usize>();
+        let (packed, pal_rle) = if has_palette {
             let bits = match pal.len() {
                 2 => 1,
                 3..=4 => 2,
@@ -332,110 +584,57 @@ fn zrle_tile(out: &mut Vec<u8>, px: &[u32], tw: usize, cpix: CPixel, pf: &Client
             };
             let packed = (pal.len() <= 16).then(|| pal.len() * cp + th * (tw * bits).div_ceil(8));
             let rle = pal.len() * cp
-                + runs
+                + self
+                    .runs
                     .iter()
-                    .map(|&(_, n)| if n == 1 { 1 } else { 1 + run_len_bytes(n) })
+                    .map(|r| match r.len {
+                        1 => 1,
+                        n => 1 + run_len_bytes(n as usize),
+                    })
                     .sum::<usize>();
             (packed.map(|s| (s, bits)), Some(rle))
-        }
-        None => (None, None),
-    };
-    let best = raw_size
-        .min(plain_rle)
-        .min(packed.map_or(usize::MAX, |p| p.0))
-        .min(pal_rle.unwrap_or(usize::MAX));
-    let index = |pal: &[u32], c: u32| pal.iter().position(|&x| x == c).unwrap_or(0) as u8;
-    if let (Some((size, bits)), Some(pal)) = (packed, &pal) {
-        if size == best {
-            out.push(pal.len() as u8);
-            for &c in pal {
-                cpix.put(out, c, pf);
+        } else {
+            (None, None)
+        };
+        let best = raw_size
+            .min(plain_rle)
+            .min(packed.map_or(usize::MAX, |p| p.0))
+            .min(pal_rle.unwrap_or(usize::MAX));
+        if let Some((size, bits)) = packed {
+            if size == best {
+                out.push(pal.len() as u8);
+                for &c in pal {
+                    cpix.put(out, c);
+                }
+                self.pack(out, tw, bits);
+                return;
             }
-            pack_indices(out, px, tw, pal, bits);
-            return;
         }
-    }
-    if let (Some(size), Some(pal)) = (pal_rle, &pal) {
-        if size == best {
+        if pal_rle == Some(best) {
             out.push(128 + pal.len() as u8);
             for &c in pal {
-                cpix.put(out, c, pf);
+                cpix.put(out, c);
             }
-            for &(c, n) in &runs {
-                if n == 1 {
-                    out.push(index(pal, c));
+            for r in &self.runs {
+                if r.len == 1 {
+                    out.push(r.index);
                 } else {
-                    out.push(0x80 | index(pal, c));
-                    put_run_len(out, n);
+                    out.push(0x80 | r.index);
+                    put_run_len(out, r.len as usize);
                 }
             }
             return;
         }
-    }
-    if plain_rle == best {
-        out.push(128);
-        for &(c, n) in &runs {
-            cpix.put(out, c, pf);
-            put_run_len(out, n);
-        }
-        return;
-    }
-    out.push(0);
-    for &v in px {
-        cpix.put(out, v, pf);
-    }
-}
-
-/// Tight's TPIXEL: R, G, B bytes when 32 bpp, depth 24 and every channel 8 bits wide.
-fn put_tpixel(out: &mut Vec<u8>, v: u32, pf: &ClientPixelFormat) {
-    if pf.bits_per_pixel == 32
-        && pf.depth == 24
-        && pf.red_max == 255
-        && pf.green_max == 255
-        && pf.blue_max == 255
-    {
-        out.extend_from_slice(&[
-            (v >> pf.red_shift) as u8,
-            (v >> pf.green_shift) as u8,
-            (v >> pf.blue_shift) as u8,
-        ]);
-    } else {
-        put_pixel(out, v, pf);
-    }
-}
-
-/// Up to `max` distinct values of `px`, in order of first appearance; `None` past `max`.
-fn palette(px: &[u32], max: usize) -> Option<Vec<u32>> {
-    let mut pal: Vec<u32> = Vec::with_capacity(max);
-    for &p in px {
-        if !pal.contains(&p) {
-            if pal.len() == max {
-                return None;
+        if plain_rle == best {
+            out.push(128);
+            for r in &self.runs {
+                cpix.put(out, r.colour);
+                put_run_len(out, r.len as usize);
             }
-            pal.push(p);
+            return;
         }
-    }
-    Some(pal)
-}
-
-/// Indices into `pal`, packed MSB first at `bits` per pixel, each row padded to a byte.
-fn pack_indices(out: &mut Vec<u8>, px: &[u32], w: usize, pal: &[u32], bits: usize) {
-    for row in px.chunks(w.max(1)) {
-        let mut acc = 0u8;
-        let mut n = 0;
-        for p in row {
-            let i = pal.iter().position(|c| c == p).unwrap_or(0) as u8;
-            acc = (acc << bits) | i;
-            n += bits;
-            if n == 8 {
-                out.push(acc);
-                acc = 0;
-                n = 0;
-            }
-        }
-        if n > 0 {
-            out.push(acc << (8 - n));
-        }
+        out.push(0);
+        cpix.put_all(out, px);
     }
 }
 
@@ -464,14 +663,21 @@ fn deflate(z: &mut Compress, input: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// One viewer's encoder state: the zlib streams that outlive a rectangle.
+/// One viewer's encoder state: the zlib streams that outlive a rectangle, and buffers reused
+/// from one rectangle to the next.
 #[derive(Debug, Default)]
 pub struct Encoder {
     /// Created on first use: a deflate state is a few hundred KiB, and a viewer uses one
     /// encoding, so most of these stay `None`.
     zrle: Option<Compress>,
     tight: [Option<Compress>; 4],
+    /// Zlib input (ZRLE tiles, Tight data).
     scratch: Vec<u8>,
+    /// Tight's compressed data, before its length goes out.
+    compressed: Vec<u8>,
+    /// Pixel values of a row, a tile or a Tight rectangle.
+    pixels: Vec<u32>,
+    scan: Scan,
     /// Conversion tables for the viewer's current format, rebuilt when it changes.
     conv: Option<Box<Converter>>,
 }
@@ -558,15 +764,12 @@ impl<'a> UpdateWriter<'a> {
         let (w, h) = (usize::from(c.width), usize::from(c.height));
         let n = w * h;
         let conv = Converter::new(pf);
+        let wire = Wire::pixel(pf);
         self.header(c.hot_x, c.hot_y, c.width, c.height, number::CURSOR);
         let px = |i: usize| c.argb.get(i).copied().unwrap_or(0);
         for i in 0..n {
             let p = px(i);
-            put_pixel(
-                self.out,
-                conv.rgb((p >> 16) as u8, (p >> 8) as u8, p as u8),
-                pf,
-            );
+            wire.put(self.out, conv.rgb((p >> 16) as u8, (p >> 8) as u8, p as u8));
         }
         for y in 0..h {
             for bx in 0..w.div_ceil(8) {
@@ -599,14 +802,7 @@ impl<'a> UpdateWriter<'a> {
         };
         let conv = enc.converter(pf);
         match encoding {
-            Encoding::Raw => {
-                self.header(rect.x, rect.y, rect.w, rect.h, number::RAW);
-                let px = conv.rect(frame, rect);
-                self.out.reserve(px.len() * pf.bytes_per_pixel());
-                for v in px {
-                    put_pixel(self.out, v, pf);
-                }
-            }
+            Encoding::Raw => self.raw(enc, &conv, frame, rect, pf),
             Encoding::Zrle => self.zrle(enc, &conv, frame, rect, pf),
             Encoding::Tight => {
                 let max_h = (TIGHT_MAX_PIXELS / u32::from(rect.w.min(TIGHT_MAX_WIDTH))).max(1);
@@ -627,7 +823,39 @@ impl<'a> UpdateWriter<'a> {
         enc.conv = Some(conv);
     }
 
-    /// ZRLE (RFC 6143 section 7.7.6): 64x64 tiles, each raw, solid or packed palette.
+    /// Raw (RFC 6143 section 7.7.1), a row at a time: converted into the reused pixel buffer
+    /// and written in one loop for the viewer's byte layout, or copied with the padding
+    /// cleared when the viewer takes the server's own format from an XRGB8888 frame.
+    fn raw(
+        &mut self,
+        enc: &mut Encoder,
+        conv: &Converter,
+        frame: &Frame,
+        rect: Rect,
+        pf: &ClientPixelFormat,
+    ) {
+        self.header(rect.x, rect.y, rect.w, rect.h, number::RAW);
+        let wire = Wire::pixel(pf);
+        let copy = conv.identity
+            && wire == (Wire::Le { at: 0, len: 4 })
+            && matches!(frame.format, PixelFormat::Xrgb8888 | PixelFormat::Argb8888);
+        self.out
+            .reserve(usize::from(rect.w) * usize::from(rect.h) * wire.len());
+        let px = &mut enc.pixels;
+        for y in rect.y..rect.y + rect.h {
+            match row_bytes(frame, rect, y) {
+                Some(row) if copy => put_xrgb_row(self.out, row),
+                row => {
+                    px.clear();
+                    conv.row_into(frame, row, usize::from(rect.w), px);
+                    wire.put_all(self.out, px);
+                }
+            }
+        }
+    }
+
+    /// ZRLE (RFC 6143 section 7.7.6): 64x64 tiles, each raw, solid, packed palette, plain RLE
+    /// or palette RLE.
     fn zrle(
         &mut self,
         enc: &mut Encoder,
@@ -637,23 +865,22 @@ impl<'a> UpdateWriter<'a> {
         pf: &ClientPixelFormat,
     ) {
         self.header(rect.x, rect.y, rect.w, rect.h, number::ZRLE);
-        let cpix = CPixel::of(pf);
-        let mut raw = std::mem::take(&mut enc.scratch);
+        let cpix = Wire::cpixel(pf);
+        let raw = &mut enc.scratch;
         raw.clear();
         for ty in (rect.y..rect.y + rect.h).step_by(64) {
             let th = 64.min(rect.y + rect.h - ty);
             for tx in (rect.x..rect.x + rect.w).step_by(64) {
                 let tw = 64.min(rect.x + rect.w - tx);
-                let px = conv.rect(frame, Rect::new(tx, ty, tw, th));
-                zrle_tile(&mut raw, &px, usize::from(tw), cpix, pf);
+                conv.rect_into(frame, Rect::new(tx, ty, tw, th), &mut enc.pixels);
+                enc.scan.zrle_tile(raw, &enc.pixels, usize::from(tw), cpix);
             }
         }
         let at = self.out.len();
         self.out.extend_from_slice(&[0; 4]);
-        deflate(zlib(&mut enc.zrle), &raw, self.out);
+        deflate(zlib(&mut enc.zrle), raw, self.out);
         let len = (self.out.len() - at - 4) as u32;
         self.out[at..at + 4].copy_from_slice(&len.to_be_bytes());
-        enc.scratch = raw;
     }
 
     /// One Tight rectangle (at most 2048 wide): fill, palette (2 to 16 colours) or basic copy.
@@ -666,53 +893,50 @@ impl<'a> UpdateWriter<'a> {
         pf: &ClientPixelFormat,
     ) {
         self.header(rect.x, rect.y, rect.w, rect.h, number::TIGHT);
-        let px = conv.rect(frame, rect);
-        let mut data = std::mem::take(&mut enc.scratch);
+        let tpix = Wire::tpixel(pf);
+        let px = &mut enc.pixels;
+        conv.rect_into(frame, rect, px);
+        let data = &mut enc.scratch;
         data.clear();
-        let stream = match palette(&px, 16) {
-            Some(pal) if pal.len() == 1 => {
+        let scan = &mut enc.scan;
+        let stream = if scan.scan(px, 16, true) {
+            let pal = &scan.palette;
+            if pal.len() == 1 {
                 self.out.push(0x80);
-                put_tpixel(self.out, pal[0], pf);
-                enc.scratch = data;
+                tpix.put(self.out, pal[0]);
                 return;
             }
-            Some(pal) => {
-                // Basic compression, explicit filter: palette.
-                let stream = if pal.len() == 2 { 1 } else { 2 };
-                self.out.push(0x40 | (stream << 4));
-                self.out.push(1);
-                self.out.push((pal.len() - 1) as u8);
-                for &c in &pal {
-                    put_tpixel(self.out, c, pf);
-                }
-                if pal.len() == 2 {
-                    pack_indices(&mut data, &px, usize::from(rect.w), &pal, 1);
-                } else {
-                    data.extend(
-                        px.iter()
-                            .map(|p| pal.iter().position(|c| c == p).unwrap_or(0) as u8),
-                    );
-                }
-                stream
+            // Basic compression, explicit filter: palette.
+            let stream = if pal.len() == 2 { 1 } else { 2 };
+            self.out.push(0x40 | (stream << 4));
+            self.out.push(1);
+            self.out.push((pal.len() - 1) as u8);
+            for &c in pal {
+                tpix.put(self.out, c);
             }
-            None => {
-                // Basic compression, copy filter (implicit), stream 0.
-                self.out.push(0x00);
-                for &v in &px {
-                    put_tpixel(&mut data, v, pf);
+            if pal.len() == 2 {
+                scan.pack(data, usize::from(rect.w), 1);
+            } else {
+                for r in &scan.runs {
+                    data.resize(data.len() + r.len as usize, r.index);
                 }
-                0
             }
+            stream
+        } else {
+            // Basic compression, copy filter (implicit), stream 0.
+            self.out.push(0x00);
+            tpix.put_all(data, px);
+            0
         };
         if data.len() < TIGHT_MIN_TO_COMPRESS {
-            self.out.extend_from_slice(&data);
+            self.out.extend_from_slice(data);
         } else {
-            let mut z = Vec::new();
-            deflate(zlib(&mut enc.tight[usize::from(stream)]), &data, &mut z);
+            let z = &mut enc.compressed;
+            z.clear();
+            deflate(zlib(&mut enc.tight[usize::from(stream)]), data, z);
             put_compact_len(self.out, z.len());
-            self.out.extend_from_slice(&z);
+            self.out.extend_from_slice(z);
         }
-        enc.scratch = data;
     }
 
     /// Ends the message: a LastRect, or the rectangle count patched in.
@@ -739,5 +963,215 @@ fn put_compact_len(out: &mut Vec<u8>, len: usize) {
             ((len >> 7) as u8 & 0x7f) | 0x80,
             (len >> 14) as u8,
         ]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn formats() -> Vec<ClientPixelFormat> {
+        let pf = |bpp, depth, big_endian, max: [u16; 3], shift: [u8; 3]| ClientPixelFormat {
+            bits_per_pixel: bpp,
+            depth,
+            big_endian,
+            true_colour: true,
+            red_max: max[0],
+            green_max: max[1],
+            blue_max: max[2],
+            red_shift: shift[0],
+            green_shift: shift[1],
+            blue_shift: shift[2],
+        };
+        vec![
+            ClientPixelFormat::SERVER,
+            pf(32, 24, true, [255; 3], [16, 8, 0]),
+            pf(32, 24, false, [255; 3], [0, 8, 16]),
+            pf(32, 30, false, [1023; 3], [20, 10, 0]),
+            pf(16, 16, false, [31, 63, 31], [11, 5, 0]),
+            pf(16, 12, true, [15, 15, 15], [0, 4, 8]),
+        ]
+    }
+
+    const SOURCES: [PixelFormat; 10] = [
+        PixelFormat::Xrgb8888,
+        PixelFormat::Xrgb8888BigEndian,
+        PixelFormat::Rgb565,
+        PixelFormat::Argb8888,
+        PixelFormat::Bgra8888,
+        PixelFormat::Bgrx8888,
+        PixelFormat::Abgr8888,
+        PixelFormat::Xbgr8888,
+        PixelFormat::Rgba8888,
+        PixelFormat::Rgbx8888,
+    ];
+
+    /// A `w` x `h` frame of `format` whose bytes are a hash of their position: every 565 value
+    /// at 256x256, and every padding byte set.
+    fn frame(w: u32, h: u32, format: PixelFormat) -> Frame {
+        let n = (w * h * format.bytes_per_pixel()) as usize;
+        let data = (0..n)
+            .map(|i| {
+                if format == PixelFormat::Rgb565 {
+                    ((i / 2) >> (8 * (i % 2))) as u8
+                } else {
+                    ((i as u32).wrapping_mul(0x9e37_79b1) >> 13) as u8
+                }
+            })
+            .collect();
+        Frame {
+            width: w,
+            height: h,
+            format,
+            data,
+        }
+    }
+
+    /// The tables (and the byte moves that replace them for the server's layout) give what
+    /// looking up each pixel's 8-bit RGB gives, for every source format, all 65536 RGB565
+    /// values included.
+    #[test]
+    fn conversion_matches_per_pixel_rgb() {
+        for pf in formats() {
+            let conv = Converter::new(&pf);
+            for format in SOURCES {
+                let f = frame(256, 256, format);
+                let bpp = format.bytes_per_pixel() as usize;
+                let want: Vec<u32> = f
+                    .data
+                    .chunks_exact(bpp)
+                    .map(|p| {
+                        let (r, g, b) = rgb_of(format, p);
+                        conv.rgb(r, g, b)
+                    })
+                    .collect();
+                let got = conv.rect(&f, Rect::new(0, 0, 256, 256));
+                assert!(got == want, "{} to {pf:?}", format.as_str());
+            }
+        }
+    }
+
+    /// Raw in the server's format from XRGB8888 or ARGB8888 (the copy with the padding
+    /// cleared) writes what converting each pixel and writing it does: odd widths and
+    /// heights, rectangles away from the origin, rows missing from a short frame.
+    #[test]
+    fn raw_copy_matches_conversion() {
+        let pf = ClientPixelFormat::SERVER;
+        let conv = Converter::new(&pf);
+        for format in [PixelFormat::Xrgb8888, PixelFormat::Argb8888] {
+            for (w, h) in [(1, 1), (2, 3), (37, 13), (64, 65), (131, 7)] {
+                let mut f = frame(w, h, format);
+                let whole = Rect::new(0, 0, w as u16, h as u16);
+                for short in [false, true] {
+                    if short {
+                        f.data.truncate(f.data.len() / 3 + 5);
+                    }
+                    let rects = [
+                        whole,
+                        Rect::new(1, 1, w as u16, h as u16),
+                        Rect::new(w as u16 / 2, h as u16 / 3, 3, 5),
+                    ];
+                    for r in rects {
+                        let Some(r) = r.intersect(&whole) else {
+                            continue;
+                        };
+                        let mut got = Vec::new();
+                        let mut wr = UpdateWriter::begin(&mut got, false);
+                        wr.rect(&mut Encoder::default(), &f, r, Encoding::Raw, &pf);
+                        wr.finish();
+                        let mut want = Vec::new();
+                        for v in conv.rect(&f, r) {
+                            want.extend_from_slice(&v.to_le_bytes());
+                        }
+                        assert!(got[16..] == want[..], "{w}x{h} {r:?} short {short}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every layout's loop writes what writing one value at a time does.
+    #[test]
+    fn bulk_pixel_writes_match_single_ones() {
+        let px: Vec<u32> = (0..99u32).map(|i| i.wrapping_mul(0x9e37_79b1)).collect();
+        let mut wires = vec![Wire::Rgb {
+            shifts: [3, 11, 20],
+        }];
+        for at in 0..4 {
+            for len in 1..=4 - at {
+                wires.push(Wire::Le { at, len });
+                wires.push(Wire::Be { at, len });
+            }
+        }
+        wires.push(Wire::Rgb { shifts: [16, 8, 0] });
+        for wire in wires {
+            let mut one = Vec::new();
+            for &v in &px {
+                wire.put(&mut one, v);
+            }
+            let mut all = vec![7];
+            wire.put_all(&mut all, &px);
+            assert_eq!(all[1..], one[..], "{wire:?}");
+            assert_eq!(one.len(), px.len() * wire.len());
+        }
+    }
+
+    /// Runs, palette order and packing against the obvious per-pixel definitions.
+    #[test]
+    fn scan_finds_runs_and_palette() {
+        let mut scan = Scan::default();
+        for (k, run, n, w) in [
+            (1, 1, 1, 1),
+            (2, 3, 77, 9),
+            (4, 1, 64, 8),
+            (16, 10, 4096, 64),
+        ] {
+            let px: Vec<u32> = (0..n).map(|i| ((i / run) % k) * 0x01_0203).collect();
+            let mut pal = Vec::new();
+            for &p in &px {
+                if !pal.contains(&p) {
+                    pal.push(p);
+                }
+            }
+            assert!(scan.scan(&px, 16, true));
+            assert_eq!(scan.palette, pal);
+            let expanded: Vec<u32> = scan
+                .runs
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(r.colour, r.len as usize))
+                .collect();
+            assert_eq!(expanded, px);
+            assert!(scan.runs.windows(2).all(|r| r[0].colour != r[1].colour));
+            for r in &scan.runs {
+                assert_eq!(pal[usize::from(r.index)], r.colour);
+            }
+            for bits in [1, 2, 4] {
+                if k > 1 << bits {
+                    continue;
+                }
+                let mut want = Vec::new();
+                for row in px.chunks(w) {
+                    let mut acc = 0u8;
+                    let mut got = 0;
+                    for p in row {
+                        let i = pal.iter().position(|c| c == p).unwrap() as u8;
+                        acc = (acc << bits) | i;
+                        got += bits;
+                        if got == 8 {
+                            want.push(acc);
+                            (acc, got) = (0, 0);
+                        }
+                    }
+                    if got > 0 {
+                        want.push(acc << (8 - got));
+                    }
+                }
+                let mut packed = Vec::new();
+                scan.pack(&mut packed, w, bits);
+                assert_eq!(packed, want, "{k} colours at {bits} bits");
+            }
+            // One colour more than allowed: no palette.
+            assert!(!scan.scan(&px, k as usize - 1, true));
+        }
     }
 }

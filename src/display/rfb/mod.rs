@@ -14,6 +14,8 @@ pub mod encode;
 pub mod proto;
 
 #[cfg(test)]
+mod oracle;
+#[cfg(test)]
 mod refdec;
 #[cfg(test)]
 mod tests;
