@@ -105,8 +105,7 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     // No runtime yet: nothing to wake.
     let _ = instance.set_frame_rate_limiter(config.frame_rate_limiter);
     let shared = Arc::new(Mutex::new(instance));
-    let runtime = start_runtime(&shared).map_err(CliError::Runtime)?;
-    let control = ControlServer::spawn(ctl_listener, shared.clone()).map_err(CliError::Runtime)?;
+    // Viewers first: once the control socket answers, `status` names their addresses.
     let viewers = if config.viewers.enabled() {
         let v = Viewers::start(config.viewers.clone())?;
         let endpoints = v.add(&shared, true)?;
@@ -114,6 +113,8 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     } else {
         None
     };
+    let runtime = start_runtime(&shared).map_err(CliError::Runtime)?;
+    let control = ControlServer::spawn(ctl_listener, shared.clone()).map_err(CliError::Runtime)?;
     let (mut server, stop) = Server::new(listener, shared, vram_file).map_err(CliError::Runtime)?;
 
     let mut signals = signal_hook::iterator::Signals::new([

@@ -625,14 +625,39 @@ impl Manager {
         let (instance, vram) =
             Instance::new(&ty, uuid, socket.clone()).map_err(StartError::from)?;
         let shared = Arc::new(Mutex::new(instance));
-        let runtime = start_runtime(&shared).map_err(StartError::Server)?;
-        let control =
-            ControlServer::spawn(ctl_listener, shared.clone()).map_err(StartError::Server)?;
+        // Viewers first: once the control socket answers, `status` names their addresses.
+        // Without every port it still serves: a head without one is on the web page.
+        if let Some(v) = &self.viewers {
+            if let Err(e) = v.add(&shared, false) {
+                warn!("{uuid}: no viewers: {e}");
+            }
+        }
+        let unview = |viewers: &Option<crate::display::service::Viewers>| {
+            if let Some(v) = viewers {
+                v.remove(uuid);
+            }
+        };
+        let runtime = match start_runtime(&shared) {
+            Ok(r) => r,
+            Err(e) => {
+                unview(&self.viewers);
+                return Err(StartError::Server(e).into());
+            }
+        };
+        let control = match ControlServer::spawn(ctl_listener, shared.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                runtime.stop();
+                unview(&self.viewers);
+                return Err(StartError::Server(e).into());
+            }
+        };
         let (mut server, stop) = match Server::new(listener, shared.clone(), vram) {
             Ok(s) => s,
             Err(e) => {
                 control.stop();
                 runtime.stop();
+                unview(&self.viewers);
                 return Err(StartError::Server(e).into());
             }
         };
@@ -648,15 +673,10 @@ impl Manager {
             Err(e) => {
                 control.stop();
                 runtime.stop();
+                unview(&self.viewers);
                 return Err(StartError::Server(e).into());
             }
         };
-        if let Some(v) = &self.viewers {
-            // Without every port it still serves: a head without one is on the web page.
-            if let Err(e) = v.add(&shared, false) {
-                warn!("{uuid}: no viewers: {e}");
-            }
-        }
         info!(
             "created {uuid} ({}) on {parent}, socket {}",
             ty.key(),
