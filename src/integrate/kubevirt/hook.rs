@@ -135,6 +135,9 @@ pub enum HookError {
     /// The annotation names sockets that cannot be used.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The domain XML is not a domain.
+    #[error(transparent)]
+    NotADomain(MergeError),
     /// The domain cannot take a device.
     #[error("cannot add {device} (socket {}): {source}", socket.display())]
     Merge {
@@ -161,11 +164,9 @@ impl HookError {
             HookError::TooLarge { .. }
             | HookError::NotUtf8
             | HookError::Vmi(_)
-            | HookError::Config(_) => true,
-            HookError::Merge { source, .. } => {
-                matches!(source, MergeError::Xml(_) | MergeError::NotADomain(_))
-            }
-            HookError::NoSocket | HookError::PartlyMerged(_) => false,
+            | HookError::Config(_)
+            | HookError::NotADomain(_) => true,
+            HookError::Merge { .. } | HookError::NoSocket | HookError::PartlyMerged(_) => false,
         }
     }
 }
@@ -438,6 +439,9 @@ pub fn on_define_domain(
                     return Err(HookError::PartlyMerged(id));
                 }
                 present.push(id);
+            }
+            Err(e @ (MergeError::Xml(_) | MergeError::NotADomain(_))) => {
+                return Err(HookError::NotADomain(e))
             }
             Err(source) => {
                 return Err(HookError::Merge {
