@@ -28,8 +28,9 @@ const DOMAIN: &str = include_str!("data/kubevirt-domain.xml");
 /// The VMI of that domain, as virt-launcher marshals it (it asks for `vgpu-emu.io/M60-2Q`).
 const VMI: &str = include_str!("data/kubevirt-vmi.json");
 
-/// Where the device plugin mounts an instance's socket in the compute container.
-const PLUGIN_SOCKET: &str = "/var/run/vgpu-emu/vgpu0.sock";
+/// Where the device plugin mounts the first instance of a VMI's `vgpu-emu.io/M60-2Q` in the
+/// compute container (`/var/run/vgpu-emu/<RESOURCE>/<i>.sock`).
+const PLUGIN_SOCKET: &str = "/var/run/vgpu-emu/M60-2Q/0.sock";
 
 /// How long a spawned hook may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -126,9 +127,9 @@ impl Drop for Hook {
 }
 
 /// What virt-launcher does with hook sockets, over gRPC on a Unix socket. Each call dials
-/// anew, as virt-launcher does.
+/// anew and closes its connection at the end, as virt-launcher does (a runtime per call: its
+/// connection tasks end with it).
 struct Launcher {
-    rt: tokio::runtime::Runtime,
     socket: PathBuf,
 }
 
@@ -159,12 +160,17 @@ impl Launcher {
 
     fn on(socket: &Path) -> Launcher {
         Launcher {
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
             socket: socket.to_path_buf(),
         }
+    }
+
+    /// Runs `f` on a runtime of its own, dropped (with the connection) when it returns.
+    fn call<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     fn uri(&self) -> String {
@@ -172,7 +178,7 @@ impl Launcher {
     }
 
     fn info(&self) -> Result<InfoResult, Status> {
-        self.rt.block_on(async {
+        self.call(async {
             let mut c = InfoClient::connect(self.uri()).await.unwrap();
             c.info(InfoParams {}).await.map(|r| r.into_inner())
         })
@@ -192,7 +198,7 @@ impl Launcher {
             domain_xml: domain.to_vec(),
             vmi: vmi.to_vec(),
         };
-        let result = self.rt.block_on(async {
+        let result = self.call(async {
             match version {
                 "v1alpha3" => v1alpha3::callbacks_client::CallbacksClient::connect(self.uri())
                     .await
@@ -213,7 +219,7 @@ impl Launcher {
     }
 
     fn shutdown(&self) -> Result<(), Status> {
-        self.rt.block_on(async {
+        self.call(async {
             v1alpha3::callbacks_client::CallbacksClient::connect(self.uri())
                 .await
                 .unwrap()
@@ -355,8 +361,15 @@ fn virt_launcher_gets_the_vgpu_into_its_domain_and_stops_the_hook() {
     );
 
     // The VM ended: virt-launcher calls Shutdown; the hook exits and takes its socket along.
+    let asked = Instant::now();
     launcher.shutdown().unwrap();
     let status = hook.wait_exit(Duration::from_secs(15));
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "with no connection left open the hook stops at once ({:?}):\n{}",
+        asked.elapsed(),
+        hook.log()
+    );
     assert!(status.success(), "{status}:\n{}", hook.log());
     assert!(!hook.socket.exists(), "the hook left its socket");
 }
@@ -495,8 +508,8 @@ fn malformed_input_gets_grpc_errors_and_the_hook_keeps_serving() {
 #[test]
 fn several_vgpus_from_the_environment_or_the_annotation_and_the_flag_wins() {
     let uuids = "74351e0c-e65b-4eae-aa34-df30b96c4889,0b9f3ed4-1b4c-4b59-9f7f-8f3a1d0e2c11";
-    let a = "/var/run/vgpu-emu/vgpu0.sock";
-    let b = "/var/run/vgpu-emu/vgpu1.sock";
+    let a = "/var/run/vgpu-emu/M60-2Q/0.sock";
+    let b = "/var/run/vgpu-emu/M60-2Q/1.sock";
     let env = [
         ("VGPU_EMU_SOCKET", &*format!("{a},{b}")),
         ("VGPU_EMU_UUID", uuids),
@@ -590,15 +603,64 @@ fn bad_configuration_stops_the_hook_and_sockets_are_taken_only_when_stale() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("another process serves on"), "{err}");
     assert_eq!(Launcher::on(&stale).info().unwrap().name, "vgpu-emu");
-    // SIGTERM: the hook stops and removes its socket.
+    // SIGTERM: the hook stops and removes its socket, even with a peer that keeps its
+    // connection open (after a grace period).
+    let _idle = UnixStream::connect(&stale).unwrap();
     let kill = Command::new("kill")
         .args(["-TERM", &first.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let status = first.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = first.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the hook did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert!(status.success(), "{status}");
     assert!(!stale.exists());
+}
+
+/// The `hooks.kubevirt.io/hookSidecars` value of `deploy/vmi.yaml` (a folded block scalar,
+/// `>-`: its lines joined with spaces), as JSON.
+fn example_hook_sidecars() -> serde_json::Value {
+    let yaml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/vmi.yaml"))
+            .unwrap();
+    let mut lines = yaml.lines();
+    let key = lines
+        .find(|l| {
+            l.trim_start()
+                .starts_with("hooks.kubevirt.io/hookSidecars:")
+        })
+        .expect("the example VMI names a hook sidecar");
+    assert!(key.trim_end().ends_with(">-"), "{key}");
+    let indent = key.len() - key.trim_start().len();
+    let value: Vec<&str> = lines
+        .take_while(|l| l.len() - l.trim_start().len() > indent)
+        .map(str::trim)
+        .collect();
+    serde_json::from_str(&value.join(" ")).unwrap_or_else(|e| panic!("{e}: {value:?}"))
+}
+
+#[test]
+fn the_example_vmis_hook_sidecar_adds_the_device_plugins_socket() {
+    let sidecars = example_hook_sidecars();
+    let args: Vec<&str> = sidecars[0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    // The image's entrypoint is the binary; KubeVirt passes the args.
+    assert_eq!(args[0], "kubevirt-hook");
+    let hook = Hook::start(&args[1..], &[]);
+    let out = Launcher::collect(&hook.hooks)
+        .on_define_domain("v1alpha3", DOMAIN.as_bytes(), VMI.as_bytes())
+        .unwrap();
+    assert_merged(&out, &[PLUGIN_SOCKET]);
 }
 
 // ---------------------------------------------------------------------------------------------
