@@ -192,6 +192,28 @@ enum Command {
         #[arg(short = 'o', long = "output", value_name = "FILE", requires = "domain")]
         output: Option<PathBuf>,
     },
+    /// Serve KubeVirt's hook API as a hook sidecar: add vfio-user vGPUs to the domain
+    /// virt-launcher defines.
+    ///
+    /// Listens on --socket (gRPC: Info; Callbacks v1alpha3 and v1alpha2). On OnDefineDomain it
+    /// adds what `libvirt-xml` adds (shared memfd guest RAM, a PCIe root port, QEMU's JSON
+    /// -device vfio-user-pci) for each vfio-user socket, as the compute container sees it. The
+    /// sockets come from --vgpu-socket; else from $VGPU_EMU_SOCKET (comma-separated, with
+    /// $VGPU_EMU_UUID and $VGPU_EMU_TYPE naming the instances in the same order); else, per VMI,
+    /// from its annotation vgpu-emu.io/socket (comma-separated). A domain that cannot take them
+    /// (another memory backing, a partly merged device, no socket configured, malformed XML)
+    /// gets a gRPC error saying why, never a half-changed domain. Stops on SIGTERM, SIGINT or
+    /// KubeVirt's Shutdown callback (when the VM has ended), removing its socket.
+    KubevirtHook {
+        /// The hook socket virt-launcher finds (the sidecar's /var/run/kubevirt-hooks is a
+        /// directory of the pod's shared hook volume).
+        #[arg(long, value_name = "PATH", default_value = vgpu_emu::integrate::kubevirt::hook::DEFAULT_HOOK_SOCKET)]
+        socket: PathBuf,
+        /// A vfio-user socket to add, as the compute container (its QEMU) sees it
+        /// (repeatable, or comma-separated). Wins over $VGPU_EMU_SOCKET and the annotation.
+        #[arg(long = "vgpu-socket", value_name = "PATH", value_delimiter = ',')]
+        vgpu_sockets: Vec<PathBuf>,
+    },
     /// Save a head's current image as PNG.
     Screenshot {
         /// The instance's vfio-user socket [default: the one `serve` uses by default,
@@ -570,6 +592,15 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             }
             print(&xml);
             Ok(())
+        }
+        Command::KubevirtHook {
+            socket,
+            vgpu_sockets,
+        } => {
+            use vgpu_emu::integrate::kubevirt::{hook::HookConfig, server};
+            let config = HookConfig::new(&vgpu_sockets, |k| std::env::var_os(k))
+                .map_err(|e| CliError::Config(e.to_string()))?;
+            server::run(&socket, config).map_err(CliError::Runtime)
         }
         Command::Remove { root, uuid } => {
             Uuid::parse_str(&uuid).map_err(|_| CliError::BadUuid(uuid.clone()))?;

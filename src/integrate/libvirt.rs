@@ -171,15 +171,7 @@ pub fn merge(domain_xml: &str, dev: &VgpuDevice) -> Result<String, MergeError> {
 
     // Merged already? (Our device id in an argument, or our root port.)
     let id = dev.device_id();
-    let merged = domain.child(&commandline).is_some_and(|c| {
-        c.elements()
-            .any(|a| a.attr("value").is_some_and(|v| v.contains(&id)))
-    }) || domain.child("devices").is_some_and(|d| {
-        d.elements()
-            .filter_map(|c| c.child("alias"))
-            .any(|a| a.attr("name") == Some(dev.port_alias().as_str()))
-    });
-    if merged {
+    if has_argument(domain, &commandline, dev) || has_port(domain, dev) {
         return Err(MergeError::AlreadyMerged(id));
     }
 
@@ -230,6 +222,52 @@ pub fn merge(domain_xml: &str, dev: &VgpuDevice) -> Result<String, MergeError> {
         "  ",
     );
     Ok(doc.write())
+}
+
+/// Whether `domain` has `dev`'s `-device` argument in its `<PREFIX:commandline>`.
+fn has_argument(domain: &Element, commandline: &str, dev: &VgpuDevice) -> bool {
+    let id = dev.device_id();
+    domain.child(commandline).is_some_and(|c| {
+        c.elements()
+            .any(|a| a.attr("value").is_some_and(|v| v.contains(&id)))
+    })
+}
+
+/// Whether `domain` has a device with `dev`'s root port alias.
+fn has_port(domain: &Element, dev: &VgpuDevice) -> bool {
+    domain.child("devices").is_some_and(|d| {
+        d.elements()
+            .filter_map(|c| c.child("alias"))
+            .any(|a| a.attr("name") == Some(dev.port_alias().as_str()))
+    })
+}
+
+/// Whether `domain_xml` has everything [`merge`] adds for `dev`: its `-device` argument, its
+/// root port (q35) and guest RAM as a shared memfd. [`merge`] refuses such a domain
+/// ([`MergeError::AlreadyMerged`]) and also one that has only some of it; this tells the two
+/// apart, for a caller that may be handed the same domain twice.
+pub fn fully_merged(domain_xml: &str, dev: &VgpuDevice) -> Result<bool, MergeError> {
+    let doc = xml::parse(domain_xml)?;
+    let domain = &doc.root;
+    if domain.name != "domain" {
+        return Err(MergeError::NotADomain(domain.name.clone()));
+    }
+    let machine = machine_of(domain)?;
+    let Some((prefix, _)) = domain
+        .attrs
+        .iter()
+        .find(|(k, v)| k.starts_with("xmlns:") && v == QEMU_NS)
+    else {
+        return Ok(false);
+    };
+    let commandline = format!("{}:commandline", &prefix["xmlns:".len()..]);
+    let memfd = domain.child("memoryBacking").is_some_and(|mb| {
+        mb.child("source").and_then(|s| s.attr("type")) == Some("memfd")
+            && mb.child("access").and_then(|a| a.attr("mode")) == Some("shared")
+    });
+    Ok(memfd
+        && has_argument(domain, &commandline, dev)
+        && (machine == Machine::I440fx || has_port(domain, dev)))
 }
 
 /// The prefix bound to libvirt's QEMU namespace on `domain`, binding `qemu` when none is.
@@ -382,11 +420,23 @@ mod tests {
         // What was there is kept as it was.
         assert!(out.contains("  <name>vm</name>\n  <memory unit='MiB'>512</memory>\n"));
         assert!(out.contains("<emulator>/usr/bin/qemu-system-x86_64</emulator>"));
-        // Merging twice is refused.
+        // Merging twice is refused, and the merged domain is told apart from one with only
+        // some of it.
         assert!(matches!(
             merge(&out, &dev()),
             Err(MergeError::AlreadyMerged(_))
         ));
+        assert!(fully_merged(&out, &dev()).unwrap());
+        assert!(!fully_merged(Q35, &dev()).unwrap());
+        let no_port = out.replace("<alias name='ua-vgpu-emu-74351e0c'/>", "");
+        assert_ne!(no_port, out);
+        assert!(!fully_merged(&no_port, &dev()).unwrap());
+        assert!(matches!(
+            merge(&no_port, &dev()),
+            Err(MergeError::AlreadyMerged(_))
+        ));
+        let private = out.replace("mode='shared'", "mode='private'");
+        assert!(!fully_merged(&private, &dev()).unwrap());
     }
 
     #[test]

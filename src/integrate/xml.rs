@@ -159,11 +159,13 @@ impl Element {
             .push(tail.unwrap_or_else(|| Node::Raw(format!("\n{own}"))));
     }
 
-    /// Lays out an element built here (children only elements) one per line under `indent`.
+    /// Lays out an element built here (children only elements) one per line under `indent`,
+    /// one level deeper each: a tab where `indent` has tabs, else two spaces.
     fn reindent(&mut self, indent: &str) {
         if self.children.iter().all(|n| matches!(n, Node::Element(_))) && !self.children.is_empty()
         {
-            let inner = format!("{indent}  ");
+            let unit = if indent.contains('\t') { "\t" } else { "  " };
+            let inner = format!("{indent}{unit}");
             let kids: Vec<Node> = std::mem::take(&mut self.children);
             for k in kids {
                 if let Node::Element(mut e) = k {
@@ -389,6 +391,16 @@ mod tests {
         assert_eq!(
             d.write(),
             "<domain>\n    <name>x</name>\n    <memoryBacking>\n      <source type='memfd'/>\n    </memoryBacking>\n</domain>\n"
+        );
+        // Tabs (Go's encoding/xml, as KubeVirt writes domains) stay tabs.
+        let mut d = parse("<domain>\n\t<name>x</name>\n</domain>").unwrap();
+        let mut mb = Element::new("memoryBacking", &[]);
+        mb.children
+            .push(Node::Element(Element::new("source", &[("type", "memfd")])));
+        d.root.append(mb, "");
+        assert_eq!(
+            d.write(),
+            "<domain>\n\t<name>x</name>\n\t<memoryBacking>\n\t\t<source type='memfd'/>\n\t</memoryBacking>\n</domain>\n"
         );
     }
 }
