@@ -562,7 +562,7 @@ impl Device {
         let offset = u32::from_le_bytes([b[cap + 8], b[cap + 9], b[cap + 10], b[cap + 11]]);
         let length = u32::from_le_bytes([b[cap + 12], b[cap + 13], b[cap + 14], b[cap + 15]]);
         let len = match length {
-            1 | 2 | 4 if offset % length == 0 => length as usize,
+            1 | 2 | 4 if offset.is_multiple_of(length) => length as usize,
             _ => return,
         };
         let region = u32::from(bar);

@@ -62,7 +62,7 @@ pub fn fuzz_session(data: &[u8]) {
         if s.pending_update().is_some() {
             frame_no += 1;
             // Sizes change now and then, so resizes are exercised.
-            let (w, h) = if frame_no % 3 == 0 {
+            let (w, h) = if frame_no.is_multiple_of(3) {
                 (70u32, 40u32)
             } else {
                 (67, 130)
