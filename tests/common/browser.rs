@@ -53,13 +53,7 @@ impl Browser {
     /// Provisions Chromium and noVNC (once; see `qemu-scripts/provision-browser`) and starts
     /// Chromium headless on a fresh profile.
     pub fn launch() -> Browser {
-        let out = super::run_script("provision-browser");
-        let field = |name: &str| -> PathBuf {
-            out.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("provision-browser printed no {name}= line:\n{out}"))
-                .into()
-        };
+        let field = super::provisioned("provision-browser");
         let chromium = field("chromium");
         let novnc = field("novnc");
 

@@ -126,12 +126,7 @@ impl Libvirt {
     /// daemon on a fresh temp dir and waits until `virsh version` answers.
     pub fn start() -> Libvirt {
         let out = super::run_script("provision-libvirt");
-        let field = |name: &str| -> PathBuf {
-            out.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("provision-libvirt printed no {name}= line:\n{out}"))
-                .into()
-        };
+        let field = super::fields_of(out.clone(), "provision-libvirt");
         let virsh = field("virsh");
         let virt_xml_validate = field("virt_xml_validate");
         let qemu = field("qemu");
@@ -454,16 +449,5 @@ impl GuestDomain {
 
 /// `s` with the five XML special characters escaped (fit for text and quoted attributes).
 pub fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
+    vgpu_emu::display::web::html_escape(s)
 }

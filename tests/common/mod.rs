@@ -28,6 +28,23 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Runs the provisioning script `script`, which prints `KEY=PATH` lines, and returns a lookup
+/// of those paths that panics (naming the script and its output) on a key it did not print.
+pub fn provisioned(script: &str) -> impl Fn(&str) -> PathBuf {
+    fields_of(run_script(script), script)
+}
+
+/// The `KEY=PATH` lookup of [`provisioned`] over `out`, what `script` printed.
+pub fn fields_of(out: String, script: &str) -> impl Fn(&str) -> PathBuf {
+    let script = script.to_string();
+    move |name: &str| -> PathBuf {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{script} printed no {name}= line:\n{out}"))
+            .into()
+    }
+}
+
 /// Runs `qemu-scripts/SCRIPT` (a provisioning script), asserts it succeeded, and returns its
 /// trimmed stdout (what it provisioned).
 pub fn run_script(script: &str) -> String {
