@@ -728,6 +728,10 @@ fn restart_removes_stale_instances() {
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(d.instances().len(), 3);
     p.stop();
+    assert!(
+        !k.plugins_dir().join(&r.endpoint).exists(),
+        "a stopped plugin deletes its endpoint"
+    );
     assert_eq!(
         d.instances().len(),
         3,
