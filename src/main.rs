@@ -214,6 +214,45 @@ enum Command {
         #[arg(long = "vgpu-socket", value_name = "PATH", value_delimiter = ',')]
         vgpu_sockets: Vec<PathBuf>,
     },
+    /// Offer a daemon's vGPU types to Kubernetes: a kubelet device plugin (API v1beta1) for
+    /// the node's `vgpu-emu daemon`, until SIGINT or SIGTERM.
+    ///
+    /// Registers `vgpu-emu.io/NAME` (the newest non-deprecated version of a type name) and
+    /// `vgpu-emu.io/NAME.vVERSION` (each version) for every servable type of the daemon's
+    /// parents; Allocate creates an instance and mounts its socket in the container at
+    /// /var/run/vgpu-emu/<NAME or NAME.vVERSION>/<i>.sock (VGPU_EMU_SOCKET, VGPU_EMU_UUID,
+    /// VGPU_EMU_TYPE name them). Instances whose device no container holds any more (per
+    /// kubelet's pod-resources API) are removed. See the README.
+    DevicePlugin {
+        /// The daemon's root [default: as `daemon`].
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// kubelet's device-plugin directory (its kubelet.sock; the plugin's sockets go there).
+        #[arg(long, value_name = "DIR", default_value = vgpu_emu::integrate::k8s::KUBELET_DIR)]
+        kubelet_dir: PathBuf,
+        /// kubelet's pod-resources socket.
+        #[arg(long, value_name = "PATH", default_value = vgpu_emu::integrate::k8s::POD_RESOURCES_SOCKET)]
+        pod_resources_socket: PathBuf,
+        /// Where the plugin records the instances it created (allocations.json).
+        #[arg(long, value_name = "DIR", default_value = vgpu_emu::integrate::k8s::STATE_DIR)]
+        state_dir: PathBuf,
+        /// Register only these: NAME for vgpu-emu.io/NAME, NAME@VERSION for
+        /// vgpu-emu.io/NAME.vVERSION (comma-separated or repeated) [default: all].
+        #[arg(long, value_name = "NAME[@V],...", value_delimiter = ',')]
+        types: Vec<vgpu_emu::integrate::k8s::plugin::TypeSel>,
+        /// How often the daemon's capacity and instances are read (device lists are re-sent
+        /// when they change).
+        #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+        poll_interval: f64,
+        /// How often the instances the plugin created are checked against kubelet's
+        /// pod-resources list.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        reconcile_interval: f64,
+        /// How long an instance whose device no container holds is kept (Allocate comes
+        /// before the pod shows in the pod-resources list).
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        grace: f64,
+    },
     /// Save a head's current image as PNG.
     Screenshot {
         /// The instance's vfio-user socket [default: the one `serve` uses by default,
@@ -521,6 +560,36 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 viewers: viewers.try_into()?,
             };
             vgpu_emu::manage::daemon::run(catalog, &config)
+        }
+        Command::DevicePlugin {
+            root,
+            kubelet_dir,
+            pod_resources_socket,
+            state_dir,
+            types,
+            poll_interval,
+            reconcile_interval,
+            grace,
+        } => {
+            let secs = |what: &str, v: f64, min: f64| {
+                if !(min..=86400.0).contains(&v) {
+                    return Err(CliError::Config(format!(
+                        "--{what} {v}: give {min} to 86400 seconds"
+                    )));
+                }
+                Ok(std::time::Duration::from_secs_f64(v))
+            };
+            let config = vgpu_emu::integrate::k8s::Config {
+                root: root.unwrap_or_else(vgpu_emu::manage::daemon::default_root),
+                kubelet_dir,
+                pod_resources_socket,
+                state_dir,
+                types,
+                poll_interval: secs("poll-interval", poll_interval, 0.1)?,
+                reconcile_interval: secs("reconcile-interval", reconcile_interval, 0.1)?,
+                grace: secs("grace", grace, 0.0)?,
+            };
+            vgpu_emu::integrate::k8s::run(&config)
         }
         Command::List { root, json } => {
             let root = root.unwrap_or_else(vgpu_emu::manage::daemon::default_root);
