@@ -116,6 +116,11 @@ enum Command {
         /// it after asking (the VFIO request interrupt), before failing with EBUSY.
         #[arg(long, value_name = "SECONDS", default_value_t = vgpu_emu::manage::manager::RELEASE_TIMEOUT.as_secs_f64())]
         release_timeout: f64,
+        /// Hand every instance's vfio-user socket to USER[:GROUP] (names or numbers; they stay
+        /// 0600): the user the VMMs run as, e.g. libvirt-qemu (libvirt on Debian) or 107
+        /// (KubeVirt's virt-launcher). Control sockets stay the daemon's.
+        #[arg(long, value_name = "USER[:GROUP]")]
+        socket_owner: Option<vgpu_emu::socket::Owner>,
         #[command(flatten)]
         viewers: ViewerArgs,
     },
@@ -285,6 +290,11 @@ struct ServeArgs {
     /// Start with the frame-rate limiter on (1) or off (0); `vgpu-emu set` changes it later.
     #[arg(long = "frame-rate-limiter", value_name = "0|1", default_value = "1", value_parser = parse_bit)]
     frame_rate_limiter: Option<bool>,
+    /// Hand the vfio-user socket to USER[:GROUP] (names or numbers; it stays 0600): the user
+    /// the VMM runs as, e.g. libvirt-qemu for libvirt's QEMU on Debian. The control socket stays
+    /// the server's.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    socket_owner: Option<vgpu_emu::socket::Owner>,
     #[command(flatten)]
     viewers: ViewerArgs,
 }
@@ -361,6 +371,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             uuid,
             frame_rate_limiter: args.frame_rate_limiter.unwrap_or(true),
             viewers: args.viewers.try_into()?,
+            socket_owner: args.socket_owner,
         })
     }
 }
@@ -529,6 +540,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             parents,
             autostart,
             release_timeout,
+            socket_owner,
             viewers,
         } => {
             let catalog = catalog_cmd::load_catalog(&cli.types_files, cli.lock_file.as_deref())?;
@@ -558,6 +570,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
                 release_timeout: std::time::Duration::try_from_secs_f64(release_timeout)
                     .map_err(|e| CliError::Config(format!("--release-timeout: {e}")))?,
                 viewers: viewers.try_into()?,
+                socket_owner,
             };
             vgpu_emu::manage::daemon::run(catalog, &config)
         }

@@ -1051,3 +1051,40 @@ fn libvirt_xml_prints_the_elements_and_merges_them_into_a_domain_file() {
         stderr(&out)
     );
 }
+
+#[test]
+fn socket_owner_hands_the_vfio_user_socket_to_the_vmms_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vgpu.sock");
+    let (mut child, _) = spawn_ready(
+        Command::new(BIN)
+            .args(["serve", "--socket-owner", "65534:65533", "--socket"])
+            .arg(&socket),
+        "vgpu-emu: serving",
+    );
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65533));
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "still private to its owner"
+    );
+    let ctl = std::fs::metadata(dir.path().join("vgpu.sock.ctl")).unwrap();
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    assert_eq!(ctl.uid(), me, "the control socket stays the server's");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_exit(
+        &[
+            "serve",
+            "--socket-owner",
+            "no-such-user-here",
+            "--socket",
+            "/tmp/x.sock",
+        ],
+        2,
+        "no user no-such-user-here",
+    );
+}

@@ -1159,7 +1159,14 @@ fn the_daemon_gives_every_head_a_vnc_port_from_its_range_and_takes_them_back() {
     let range = format!("127.0.0.1:{first}-{}", first + 7);
     let d = Daemon::start(
         tempfile::tempdir().unwrap(),
-        &["--vnc", &range, "--web", "127.0.0.1:0"],
+        &[
+            "--vnc",
+            &range,
+            "--web",
+            "127.0.0.1:0",
+            "--socket-owner",
+            "65534:65534",
+        ],
     );
     let root = d.root.display().to_string();
     d.create("m60-0", "vgpu_emu-m60_2q-v1", U1).unwrap();
@@ -1205,6 +1212,13 @@ fn the_daemon_gives_every_head_a_vnc_port_from_its_range_and_takes_them_back() {
         all.iter().all(|p| (first..first + 8).contains(p)),
         "{all:?}"
     );
+    // Instance sockets go to the VMMs' user (--socket-owner), still 0600.
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(d.root.join(format!("run/{U2}.sock"))).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
     // The instance's own status agrees with the daemon's list.
     let status = d.status(U2);
     assert_eq!(

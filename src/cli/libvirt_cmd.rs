@@ -143,15 +143,18 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
 
 /// What the host needs before libvirt's QEMU can open the socket.
 fn access_hints(socket: &Path) -> Vec<String> {
-    let mode = std::fs::metadata(socket)
-        .map(|m| m.permissions().mode())
-        .unwrap_or(0);
+    use std::os::unix::fs::MetadataExt as _;
+    let (mode, uid) = std::fs::metadata(socket)
+        .map(|m| (m.permissions().mode(), m.uid()))
+        .unwrap_or((0, 0));
     let mut hints = Vec::new();
-    if mode & 0o006 == 0 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let me = unsafe { libc::getuid() };
+    if mode & 0o006 == 0 && uid == me {
         hints.push(format!(
-            "note: {} is not open to other users; QEMU under libvirt's system daemon runs as \
-             libvirt-qemu on Debian: give it access, e.g. setfacl -m u:libvirt-qemu:rw {0} \
-             (and x on the directories above it)",
+            "note: {} is 0600; QEMU under libvirt's system daemon runs as libvirt-qemu on \
+             Debian: serve it with --socket-owner libvirt-qemu (serve or daemon), or grant \
+             access, e.g. setfacl -m u:libvirt-qemu:rw {0} (and x on the directories above it)",
             socket.display()
         ));
     }

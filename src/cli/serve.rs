@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub frame_rate_limiter: bool,
     /// Live viewers (`--vnc`, `--web`).
     pub viewers: ViewerConfig,
+    /// Who the vfio-user socket is handed to (the VMM's user), if not the server's.
+    pub socket_owner: Option<socket::Owner>,
 }
 
 /// The socket used when none is given: `$XDG_RUNTIME_DIR/vgpu-emu.sock`, else
@@ -97,6 +99,9 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     let ty = resolve_servable(catalog, config.type_spec.as_deref())?;
     let listener = socket::bind(&config.socket)?;
     let _socket_guard = RemoveOnDrop(config.socket.clone());
+    if let Some(owner) = config.socket_owner {
+        socket::give(&config.socket, owner)?;
+    }
     let ctl_path = control_path(&config.socket);
     let ctl_listener = socket::bind(&ctl_path)?;
     let _ctl_guard = RemoveOnDrop(ctl_path.clone());

@@ -47,6 +47,8 @@ pub struct DaemonConfig {
     pub release_timeout: std::time::Duration,
     /// Live viewers of every instance's heads (off unless `--vnc` or `--web`).
     pub viewers: crate::display::config::ViewerConfig,
+    /// Who instance sockets are handed to (the VMMs' user), if not the daemon's.
+    pub socket_owner: Option<socket::Owner>,
 }
 
 /// The default root: `$XDG_RUNTIME_DIR/vgpu-emu`, else `/run/vgpu-emu`.
@@ -643,6 +645,7 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
     let mut manager = Manager::new(catalog, config.parents.clone(), &root.join("run"))
         .map_err(CliError::Config)?;
     manager.set_release_timeout(config.release_timeout);
+    manager.set_socket_owner(config.socket_owner);
     if config.viewers.enabled() {
         manager.set_viewers(crate::display::service::Viewers::start(
             config.viewers.clone(),

@@ -391,6 +391,8 @@ pub struct Manager {
     removed: Option<std::sync::mpsc::Sender<Uuid>>,
     /// Live viewers of every instance's heads, when the daemon serves them.
     viewers: Option<crate::display::service::Viewers>,
+    /// Who instance sockets are handed to.
+    socket_owner: Option<socket::Owner>,
 }
 
 /// How long a removal waits, by default, for the client to release the instance after the
@@ -481,6 +483,7 @@ impl Manager {
             release_timeout: RELEASE_TIMEOUT,
             removed: None,
             viewers: None,
+            socket_owner: None,
         })
     }
 
@@ -619,6 +622,9 @@ impl Manager {
         let socket = self.socket_path(&uuid);
         let listener = socket::bind(&socket).map_err(StartError::from)?;
         let guard = RemoveOnDrop(socket.clone());
+        if let Some(owner) = self.socket_owner {
+            socket::give(&socket, owner).map_err(StartError::from)?;
+        }
         let ctl = control_path(&socket);
         let ctl_listener = socket::bind(&ctl).map_err(StartError::from)?;
         let ctl_guard = RemoveOnDrop(ctl.clone());
@@ -723,6 +729,11 @@ impl Manager {
             info!("removed {uuid} ({key}) from {parent}");
         }
         Ok(())
+    }
+
+    /// Hands the vfio-user socket of every instance created from now on to `owner`.
+    pub fn set_socket_owner(&mut self, owner: Option<socket::Owner>) {
+        self.socket_owner = owner;
     }
 
     /// Serves the heads of every instance created from now on to viewers.

@@ -45,6 +45,70 @@ pub enum SocketError {
     },
 }
 
+/// Who a vfio-user socket is handed to (`--socket-owner USER[:GROUP]`): the user the VMM runs
+/// as, so that it can connect to a 0600 socket (libvirt's QEMU runs as `libvirt-qemu` on Debian,
+/// KubeVirt's as 107).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+impl std::str::FromStr for Owner {
+    type Err = String;
+
+    /// `USER[:GROUP]`, each a name (looked up in /etc/passwd and /etc/group) or a number;
+    /// without GROUP, the user's primary group (a number alone: the same number).
+    fn from_str(s: &str) -> Result<Owner, String> {
+        let (user, group) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        let (uid, primary) = match user.parse::<u32>() {
+            Ok(n) => (n, n),
+            Err(_) => {
+                let uid = lookup("/etc/passwd", user, 2)
+                    .ok_or_else(|| format!("no user {user} in /etc/passwd (give a number)"))?;
+                let gid = lookup("/etc/passwd", user, 3).unwrap_or(uid);
+                (uid, gid)
+            }
+        };
+        let gid = match group {
+            None => primary,
+            Some(g) => match g.parse::<u32>() {
+                Ok(n) => n,
+                Err(_) => lookup("/etc/group", g, 2)
+                    .ok_or_else(|| format!("no group {g} in /etc/group (give a number)"))?,
+            },
+        };
+        Ok(Owner { uid, gid })
+    }
+}
+
+/// Field `field` (a number) of the line of colon-separated `file` whose first field is `name`.
+fn lookup(file: &str, name: &str, field: usize) -> Option<u32> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&name))?
+        .get(field)?
+        .parse()
+        .ok()
+}
+
+/// Hands the socket at `path` to `owner` (mode stays 0600: the owner connects, nobody else).
+pub fn give(path: &Path, owner: Owner) -> Result<(), SocketError> {
+    std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid)).map_err(|source| {
+        SocketError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
 /// Names the private directories sockets are bound in.
 static NEXT_TEMP: AtomicU32 = AtomicU32::new(0);
 
@@ -162,6 +226,20 @@ pub fn control_path(socket: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owners_are_names_or_numbers() {
+        let o = |s: &str| s.parse::<Owner>();
+        assert_eq!(o("107:108"), Ok(Owner { uid: 107, gid: 108 }));
+        assert_eq!(o("107"), Ok(Owner { uid: 107, gid: 107 }));
+        // Every Linux system has root (uid 0, group root 0).
+        assert_eq!(o("root"), Ok(Owner { uid: 0, gid: 0 }));
+        assert_eq!(o("root:0"), Ok(Owner { uid: 0, gid: 0 }));
+        assert_eq!(o("0:root"), Ok(Owner { uid: 0, gid: 0 }));
+        for bad in ["no-such-user-here", "0:no-such-group-here", "", "root:"] {
+            assert!(o(bad).is_err(), "{bad:?}");
+        }
+    }
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
