@@ -100,3 +100,11 @@ fn http_corpus_replays() {
         assert!(r.is_ok(), "{name} fails");
     }
 }
+
+#[test]
+fn domain_xml_corpus_replays() {
+    for (name, data) in corpus("domain_xml") {
+        let r = std::panic::catch_unwind(|| vgpu_emu::integrate::libvirt::fuzz_merge(&data));
+        assert!(r.is_ok(), "{name} fails");
+    }
+}

@@ -350,6 +350,29 @@ fn devices(domain: &mut Element) -> &mut Element {
         .expect("present: added above when missing")
 }
 
+/// Fuzz entry point (the `domain_xml` target and its corpus replay): `data` as a domain (lossy
+/// UTF-8, as the hook and `libvirt-xml` would refuse other bytes first) merged with an instance;
+/// a merged domain must parse again, hold the device once, and refuse a second merge.
+pub fn fuzz_merge(data: &[u8]) {
+    let xml = String::from_utf8_lossy(data);
+    let dev = VgpuDevice::new(
+        Uuid::from_u128(0x1234),
+        "EMU-64M@1",
+        Path::new("/run/x.sock"),
+    );
+    let Ok(out) = merge(&xml, &dev) else {
+        return;
+    };
+    let doc = xml::parse(&out).expect("a merged domain parses again");
+    let id = format!("\"id\":\"{}\"", dev.device_id());
+    assert_eq!(out.matches(id.as_str()).count(), 1, "the device is added once");
+    assert!(doc.root.name == "domain");
+    assert!(
+        matches!(merge(&out, &dev), Err(MergeError::AlreadyMerged(_))),
+        "a second merge is refused"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
