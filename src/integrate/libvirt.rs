@@ -272,11 +272,12 @@ pub fn fully_merged(domain_xml: &str, dev: &VgpuDevice) -> Result<bool, MergeErr
 
 /// The prefix bound to libvirt's QEMU namespace on `domain`, binding `qemu` when none is.
 fn qemu_prefix(domain: &mut Element) -> Result<String, MergeError> {
-    if let Some((k, _)) = domain
-        .attrs
-        .iter()
-        .find(|(k, v)| k.starts_with("xmlns:") && v == QEMU_NS)
-    {
+    // A prefix that is a valid name without a colon (an NCName) can be used as it is.
+    if let Some((k, _)) = domain.attrs.iter().find(|(k, v)| {
+        v == QEMU_NS
+            && k.strip_prefix("xmlns:")
+                .is_some_and(|p| xml::is_name(p) && !p.contains(':'))
+    }) {
         return Ok(k["xmlns:".len()..].to_string());
     }
     if let Some(other) = domain.attr("xmlns:qemu") {
@@ -365,7 +366,11 @@ pub fn fuzz_merge(data: &[u8]) {
     };
     let doc = xml::parse(&out).expect("a merged domain parses again");
     let id = format!("\"id\":\"{}\"", dev.device_id());
-    assert_eq!(out.matches(id.as_str()).count(), 1, "the device is added once");
+    assert_eq!(
+        out.matches(id.as_str()).count(),
+        1,
+        "the device is added once"
+    );
     assert!(doc.root.name == "domain");
     assert!(
         matches!(merge(&out, &dev), Err(MergeError::AlreadyMerged(_))),

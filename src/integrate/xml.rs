@@ -217,12 +217,28 @@ fn escape_attr(v: &str) -> String {
     s
 }
 
+/// Whether `s` is an XML name (`NameStartChar NameChar*`, with every non-ASCII character
+/// allowed: a superset of XML 1.0's, enough to refuse what cannot be written back).
+pub fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_alphabetic() || c == '_' || c == ':' || !c.is_ascii())
+        && chars.all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '_' | ':') || !c.is_ascii())
+}
+
 fn start_element(b: &BytesStart<'_>) -> Result<Element, String> {
     let name = b.name().into_inner().to_string();
+    if !is_name(&name) {
+        return Err(format!("{name:?} is not an element name"));
+    }
     let mut attrs = Vec::new();
     for a in b.attributes() {
         let a = a.map_err(|e| e.to_string())?;
         let key = a.key.into_inner().to_string();
+        if !is_name(&key) {
+            return Err(format!("{key:?} is not an attribute name"));
+        }
         if attrs.iter().any(|(k, _)| *k == key) {
             return Err(format!("attribute {key} repeated"));
         }
@@ -374,6 +390,9 @@ mod tests {
             "<a x='1' x='2'/>",
             "<a x='&bogus;'/>",
             "text only",
+            "<a>< /></a>",
+            "<a 1x='1'/>",
+            "<a x)='1'/>",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
