@@ -53,22 +53,9 @@ impl Daemon {
     fn start(parents: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
-        let mut cmd = Command::new(BIN);
-        cmd.arg("daemon").arg("--root").arg(&root);
-        for p in parents {
-            cmd.args(["--parent", p]);
-        }
-        let mut child = cmd
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the daemon");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("vgpu-emu daemon:"), "daemon: {line:?}");
+        let args: Vec<String> = parents.iter().map(|p| format!("--parent={p}")).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = common::spawn_daemon(&root, &args);
         Daemon {
             child,
             root,
@@ -134,9 +121,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        common::terminate(&mut self.child);
     }
 }
 

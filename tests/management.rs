@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{
-    eventfd, eventfd_take, run_script, spawn_ready, vgpu_emu_ok, wait_until, Peer, BIN, SET_IRQS,
+    eventfd, eventfd_take, run_script, spawn_daemon, spawn_ready, terminate, vgpu_emu_ok,
+    wait_until, Peer, BIN, SET_IRQS,
 };
 use vgpu_model::Catalog;
 
@@ -38,28 +39,8 @@ impl Daemon {
     }
 
     fn start_at(root: &Path, args: &[&str]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("daemon")
-            .arg("--root")
-            .arg(root)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the daemon");
-        // Readiness: the line printed once the tree is mounted and definitions started.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("vgpu-emu daemon:"),
-            "daemon did not come up: {line:?}"
-        );
         Daemon {
-            child,
+            child: spawn_daemon(root, args),
             root: root.to_path_buf(),
             _dir: None,
         }
@@ -151,11 +132,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            // SAFETY: kill(2) on our own child's pid; no memory is involved.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let _ = self.child.wait();
-        }
+        terminate(&mut self.child);
     }
 }
 

@@ -28,6 +28,41 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Spawns `vgpu-emu daemon --root ROOT ARGS...` (log level `warn`) and returns once it printed
+/// its readiness line (the tree is mounted, definitions started).
+pub fn spawn_daemon(root: &Path, args: &[&str]) -> Child {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .arg("daemon")
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the daemon");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("vgpu-emu daemon:"),
+        "daemon did not come up: {line:?}"
+    );
+    child
+}
+
+/// Stops a spawned daemon (or server) with SIGTERM, a clean unmount, and reaps it.
+pub fn terminate(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_none() {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+}
+
 /// Runs the provisioning script `script`, which prints `KEY=PATH` lines, and returns a lookup
 /// of those paths that panics (naming the script and its output) on a key it did not print.
 pub fn provisioned(script: &str) -> impl Fn(&str) -> PathBuf {
