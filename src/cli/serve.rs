@@ -175,7 +175,7 @@ pub fn run(catalog: &Catalog, config: &ServeConfig) -> Result<(), CliError> {
     );
     if let Some((v, endpoints)) = &viewers {
         if let Some(url) = v.web_url() {
-            let _ = writeln!(out, "Web: {url} (every head in noVNC)");
+            let _ = writeln!(out, "Web: {url} ({})", v.web_offer());
         }
         for e in endpoints.iter().filter(|e| !e.vnc.is_empty()) {
             let _ = writeln!(out, "VNC: head {} on {}", e.head, e.vnc);

@@ -226,6 +226,16 @@ impl Viewers {
             .map(|a| format!("http://{}/", url_host(a)))
     }
 
+    /// What the web page offers, for the readiness line: noVNC, or only the VNC ports when
+    /// noVNC's files are missing.
+    pub fn web_offer(&self) -> &'static str {
+        if novnc_missing(&self.shared.config.novnc_dir).is_none() {
+            "every head in noVNC"
+        } else {
+            "noVNC is missing: the page lists the VNC ports"
+        }
+    }
+
     /// Serves every head of `instance`: binds a raw RFB port per head when `--vnc` is on (from
     /// the range; `all_ports`: fail unless every head gets one, else a head without a port is
     /// logged and served on the web port only), records the endpoints in the instance (for

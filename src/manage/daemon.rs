@@ -735,12 +735,12 @@ pub fn run(catalog: vgpu_model::Catalog, config: &DaemonConfig) -> Result<(), Cl
         "Use it with: MDEVCTL_ENV_ROOT={} mdevctl types",
         root.display()
     );
-    if let Some(url) = manager
+    if let Some((url, offer)) = manager
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .viewers_url()
     {
-        let _ = writeln!(out, "Web: {url} (every head of every instance in noVNC)");
+        let _ = writeln!(out, "Web: {url} (every instance's heads; {offer})");
     }
     let _ = out.flush();
     {

@@ -741,9 +741,10 @@ impl Manager {
         self.viewers = Some(viewers);
     }
 
-    /// The web page of the viewers, when `--web` is on.
-    pub fn viewers_url(&self) -> Option<String> {
-        self.viewers.as_ref().and_then(|v| v.web_url())
+    /// The web page of the viewers, when `--web` is on, and what it offers.
+    pub fn viewers_url(&self) -> Option<(String, &'static str)> {
+        let v = self.viewers.as_ref()?;
+        Some((v.web_url()?, v.web_offer()))
     }
 
     /// Sends the UUID of every instance removed from now on to `to`.
