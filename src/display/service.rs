@@ -137,6 +137,8 @@ struct Shared {
     config: ViewerConfig,
     /// The web listener's real address (port 0 resolved).
     web_addr: Option<SocketAddr>,
+    /// Why noVNC cannot be served (looked at once, at start), when `--web` is on.
+    novnc_missing: Option<String>,
 }
 
 impl Shared {
@@ -195,13 +197,13 @@ impl Viewers {
             ports: Mutex::new(BTreeSet::new()),
             config,
             web_addr,
+            novnc_missing,
         });
         let mut lp = Loop {
             poll,
             shared: shared.clone(),
             rx,
             web,
-            novnc_missing,
             instances: HashMap::new(),
             listeners: HashMap::new(),
             clients: HashMap::new(),
@@ -229,7 +231,7 @@ impl Viewers {
     /// What the web page offers, for the readiness line: noVNC, or only the VNC ports when
     /// noVNC's files are missing.
     pub fn web_offer(&self) -> &'static str {
-        if novnc_missing(&self.shared.config.novnc_dir).is_none() {
+        if self.shared.novnc_missing.is_none() {
             "every head in noVNC"
         } else {
             "noVNC is missing: the page lists the VNC ports"
@@ -555,7 +557,6 @@ struct Loop {
     shared: Arc<Shared>,
     rx: Receiver<Cmd>,
     web: Option<TcpListener>,
-    novnc_missing: Option<String>,
     instances: HashMap<Uuid, Inst>,
     listeners: HashMap<Token, (Uuid, u32)>,
     clients: HashMap<Token, Client>,
@@ -606,16 +607,8 @@ impl Loop {
         let now = Instant::now();
         let mut t: Option<Duration> = None;
         let mut min = |d: Duration| t = Some(t.map_or(d, |t| t.min(d)));
-        for inst in self.instances.values() {
-            for h in &inst.heads {
-                if h.clients
-                    .iter()
-                    .any(|c| self.clients.get(c).is_some_and(Client::wants_update))
-                {
-                    let due = h.last_sample.map_or(now, |s| s + h.interval());
-                    min(due.saturating_duration_since(now));
-                }
-            }
+        for (_, _, due) in self.waiting_heads(now) {
+            min(due.saturating_duration_since(now));
         }
         if self
             .clients
@@ -1034,7 +1027,7 @@ impl Loop {
         let head_only = matches!(req.method, Method::Head);
         match web::route(&req.target) {
             Route::Index => {
-                let page = web::index_page(&self.links(), self.novnc_missing.as_deref());
+                let page = web::index_page(&self.links(), self.shared.novnc_missing.as_deref());
                 (
                     web::response(200, "text/html; charset=utf-8", page.as_bytes(), head_only),
                     None,
@@ -1050,7 +1043,7 @@ impl Loop {
                 None,
             ),
             Route::Novnc(rel) => {
-                if let Some(why) = &self.novnc_missing {
+                if let Some(why) = &self.shared.novnc_missing {
                     return (
                         web::response(404, "text/plain; charset=utf-8", why.as_bytes(), head_only),
                         None,
@@ -1069,31 +1062,14 @@ impl Loop {
                 match (&req.websocket, exists) {
                     (_, false) => (web::not_found(), None),
                     (None, true) => (web::error_response(&web::HttpError::UpgradeRequired), None),
-                    (Some(up), true) => {
-                        if !self.has_room_for_view() {
-                            return (
-                                web::response(
-                                    503,
-                                    "text/plain; charset=utf-8",
-                                    b"too many viewers\n",
-                                    head_only,
-                                ),
-                                None,
-                            );
-                        }
-                        (
-                            web::upgrade_response(&up.key, web::choose_protocol(&up.protocols)),
-                            Some((uuid, head)),
-                        )
-                    }
+                    (Some(up), true) => (
+                        web::upgrade_response(&up.key, web::choose_protocol(&up.protocols)),
+                        Some((uuid, head)),
+                    ),
                 }
             }
             Route::NotFound => (web::not_found(), None),
         }
-    }
-
-    fn has_room_for_view(&self) -> bool {
-        self.clients.len() <= MAX_CLIENTS
     }
 
     /// Every head, for the index page.
@@ -1162,23 +1138,30 @@ impl Loop {
     /// Samples every head that a viewer waits on and whose period has passed.
     fn sample_due(&mut self) {
         let now = Instant::now();
-        let mut due: Vec<(Uuid, usize)> = Vec::new();
-        for (uuid, inst) in &self.instances {
-            for (i, h) in inst.heads.iter().enumerate() {
-                if h.last_sample.is_some_and(|s| now < s + h.interval()) {
-                    continue;
-                }
-                if h.clients
-                    .iter()
-                    .any(|c| self.clients.get(c).is_some_and(Client::wants_update))
-                {
-                    due.push((*uuid, i));
-                }
-            }
-        }
+        let due: Vec<(Uuid, usize)> = self
+            .waiting_heads(now)
+            .filter(|&(_, _, due)| due <= now)
+            .map(|(uuid, i, _)| (uuid, i))
+            .collect();
         for (uuid, i) in due {
             self.sample(uuid, i, now);
         }
+    }
+
+    /// Every head one of whose viewers waits for an update it could take now, with when the
+    /// head may next be sampled (`now` if it never was).
+    fn waiting_heads(&self, now: Instant) -> impl Iterator<Item = (Uuid, usize, Instant)> + '_ {
+        self.instances.iter().flat_map(move |(uuid, inst)| {
+            inst.heads
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| {
+                    h.clients
+                        .iter()
+                        .any(|c| self.clients.get(c).is_some_and(Client::wants_update))
+                })
+                .map(move |(i, h)| (*uuid, i, h.last_sample.map_or(now, |s| s + h.interval())))
+        })
     }
 
     /// Takes a sample of `uuid`'s head `i`, merges its damage into every viewer of the head and
