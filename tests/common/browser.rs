@@ -248,21 +248,10 @@ impl Drop for Browser {
 
 /// Live processes whose command line names `needle` (a browser's temp dir, say).
 pub fn processes_naming(needle: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmdline).contains(needle) {
-                found.push(pid);
-            }
-        }
-    }
-    found
+    super::processes_where(|proc| {
+        std::fs::read(proc.join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+    })
 }
 
 /// Kills the process group led by `child` (Chromium and every process it started) and reaps

@@ -75,32 +75,17 @@ fn tail(path: &Path, n: usize) -> String {
 /// Live processes (not zombies) in the PID namespace `ns` (as `/proc/PID/ns/pid` reads, e.g.
 /// `pid:[4026532301]`).
 pub fn processes_in_pid_namespace(ns: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(link) = std::fs::read_link(entry.path().join("ns/pid")) else {
-            continue;
-        };
-        if link.to_string_lossy() != ns {
-            continue;
-        }
-        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+    super::processes_where(|proc| {
+        let ours = std::fs::read_link(proc.join("ns/pid")).is_ok_and(|l| l.to_string_lossy() == ns);
+        let zombie = std::fs::read_to_string(proc.join("stat"))
             .ok()
             .and_then(|s| {
                 s.rsplit_once(')')
                     .map(|(_, rest)| rest.trim_start().starts_with('Z'))
             })
             .unwrap_or(false);
-        if !zombie {
-            found.push(pid);
-        }
-    }
-    found
+        ours && !zombie
+    })
 }
 
 /// A private libvirt daemon, stopped (with every QEMU it started) on drop, or when the thread

@@ -28,6 +28,20 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// The processes of this machine whose `/proc/PID` directory `keep` accepts.
+pub fn processes_where(mut keep: impl FnMut(&Path) -> bool) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            keep(&e.path()).then_some(pid)
+        })
+        .collect()
+}
+
 /// Spawns `vgpu-emu daemon --root ROOT ARGS...` (log level `warn`) and returns once it printed
 /// its readiness line (the tree is mounted, definitions started).
 pub fn spawn_daemon(root: &Path, args: &[&str]) -> Child {
